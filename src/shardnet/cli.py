@@ -1,0 +1,189 @@
+"""``shardnet`` command line: parse flags into config objects and call the library.
+
+Every user error (bad flag, missing model folder, span outside the model) exits with status 2 and one
+line on stderr naming the problem; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from shardnet.errors import ShardnetError
+from shardnet.version import __version__
+
+logger = logging.getLogger("shardnet.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage dump) so scripts and people see the problem at once."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _span(text: str) -> tuple[int, int]:
+    from shardnet.server.config import parse_span
+
+    try:
+        return parse_span(text)
+    except ShardnetError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--blocks {text!r} ")) from exc
+
+
+def _peers(args: argparse.Namespace) -> tuple[str, ...]:
+    peers = list(args.initial_peers or [])
+    if not peers and os.environ.get("SHARDNET_INITIAL_PEERS"):
+        peers = os.environ["SHARDNET_INITIAL_PEERS"].split()
+    return tuple(peers)
+
+
+def _add_peers(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        metavar="MADDR",
+        required=False,
+        help="multiaddrs of DHT peers to join (as printed by `shardnet dht`); "
+        "default $SHARDNET_INITIAL_PEERS" + ("" if required else "; none = start a new swarm"),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shardnet", description="Run large language models split across machines.")
+    parser.add_argument("--version", action="version", version=f"shardnet {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    dht = sub.add_parser("dht", help="run a DHT bootstrap node; prints its multiaddrs, one per line")
+    dht.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    dht.add_argument("--port", type=int, default=0, help="port to listen on; 0 = pick one")
+    _add_peers(dht, required=False)
+
+    serve = sub.add_parser("serve", help="serve a span of transformer blocks")
+    serve.add_argument(
+        "--model", required=True, type=Path, help="model folder (transformers save_pretrained, safetensors)"
+    )
+    serve.add_argument("--blocks", required=True, type=_span, help="half-open span START:END, e.g. 0:12")
+    _add_peers(serve, required=False)
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--host", default="127.0.0.1", help="gRPC interface (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=0, help="gRPC port; 0 = pick one")
+    serve.add_argument("--announce-host", default=None, help="address clients dial (default: --host)")
+    serve.add_argument("--dht-host", default="127.0.0.1", help="DHT interface (default 127.0.0.1)")
+    serve.add_argument("--dht-port", type=int, default=0, help="DHT port; 0 = pick one")
+    serve.add_argument("--model-id", default=None, help="DHT prefix; default: derived from the model config")
+    serve.add_argument("--max-batch-size", type=int, default=32)
+    serve.add_argument("--max-length", type=int, default=8192, help="longest session, positions")
+    serve.add_argument(
+        "--max-cache-tokens", type=int, default=131072, help="KV-cache budget, batch x positions"
+    )
+    serve.add_argument("--max-sessions", type=int, default=64)
+    serve.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message, MiB")
+    serve.add_argument("--announce-ttl", type=float, default=30.0, help="DHT record lifetime, seconds")
+    serve.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="seconds open sessions get on SIGTERM"
+    )
+    serve.add_argument("--torch-threads", type=int, default=None)
+
+    status = sub.add_parser("status", help="show which servers hold which blocks")
+    status.add_argument(
+        "--model", required=True, type=Path, help="model folder (to know its id and block count)"
+    )
+    status.add_argument("--model-id", default=None, help="DHT prefix; default: derived from the model config")
+    _add_peers(status, required=True)
+    return parser
+
+
+def cmd_dht(args: argparse.Namespace) -> int:
+    from shardnet.dht import start_dht, visible_maddrs
+
+    dht = start_dht(_peers(args), host=args.host, port=args.port)
+    for maddr in visible_maddrs(dht):
+        print(maddr, flush=True)
+    logger.info("DHT node running; Ctrl-C to stop")
+    _wait_for_signal()
+    dht.shutdown()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from shardnet.server.app import run_server
+    from shardnet.server.config import ServerConfig
+
+    start, end = args.blocks
+    config = ServerConfig(
+        model_path=args.model,
+        start=start,
+        end=end,
+        initial_peers=_peers(args),
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        announce_host=args.announce_host,
+        dht_host=args.dht_host,
+        dht_port=args.dht_port,
+        model_id=args.model_id,
+        max_batch_size=args.max_batch_size,
+        max_length=args.max_length,
+        max_cache_tokens=args.max_cache_tokens,
+        max_sessions=args.max_sessions,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        announce_ttl_s=args.announce_ttl,
+        drain_timeout_s=args.drain_timeout,
+        torch_threads=args.torch_threads,
+    )
+    run_server(config)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shardnet.client.swarm_view import SwarmView
+
+    peers = _peers(args)
+    if not peers:
+        raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    with SwarmView.connect(args.model, peers, model_id=args.model_id) as view:
+        print(view.render())
+    return 0
+
+
+def raise_config(message: str) -> None:
+    from shardnet.errors import ConfigError
+
+    raise ConfigError(message)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+COMMANDS = {"dht": cmd_dht, "serve": cmd_serve, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ShardnetError as exc:
+        print(f"shardnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

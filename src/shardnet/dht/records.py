@@ -1,0 +1,91 @@
+"""What shardnet stores on the DHT: one key per block, one subkey per server, a ServerRecord value.
+
+Keys are ``{model_id}_b{block}``; subkeys are the server's peer id followed by its RSA public key, so
+hivemind's RSASignatureValidator lets only that server write them. The values are checked against
+``ServerRecord`` by hivemind's SchemaValidator on every node, and parsed again on read: a malformed
+record is dropped and logged at DEBUG, never raised into a caller.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+import pydantic.v1 as pydantic  # hivemind's SchemaValidator speaks pydantic v1
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator, conbytes
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState(str, enum.Enum):
+    JOINING = "joining"  # loading weights; not routable yet
+    ONLINE = "online"  # serving
+    DRAINING = "draining"  # finishing open sessions, refusing new ones
+    OFFLINE = "offline"  # gone (clean exit)
+
+
+class ServerRecord(pydantic.BaseModel):
+    """One server's announcement, the same under each block key it holds. Every field is required."""
+
+    state: pydantic.constr(strict=True, regex="^(joining|online|draining|offline)$")
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)  # hivemind peer id, base58
+    host: pydantic.constr(strict=True, min_length=1, max_length=255)  # gRPC host clients dial
+    port: pydantic.conint(strict=True, ge=1, le=65535)  # gRPC port
+    start: pydantic.conint(strict=True, ge=0)  # first block held (inclusive)
+    end: pydantic.conint(strict=True, ge=1)  # one past the last block held
+    dtype: pydantic.constr(strict=True, regex="^(float32|float16|bfloat16)$")  # compute dtype
+    protocol: pydantic.constr(strict=True, max_length=32)  # wire protocol, e.g. "shardnet.v1"
+    version: pydantic.constr(strict=True, max_length=32)  # shardnet package version
+    throughput: pydantic.confloat(strict=True, ge=0.0)  # measured decode steps/sec of the whole span
+    cache_tokens_free: pydantic.conint(strict=True, ge=0)  # free KV-cache budget, batch x positions
+
+    @pydantic.validator("end")
+    def _end_after_start(cls, end: int, values: dict) -> int:  # noqa: N805
+        if "start" in values and end <= values["start"]:
+            raise ValueError("end must be greater than start")
+        return end
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """A server as a client sees it after a look-up."""
+
+    record: ServerRecord
+    expiration_time: float  # DHT time the record expires at
+
+    @property
+    def address(self) -> str:
+        return f"{self.record.host}:{self.record.port}"
+
+    @property
+    def short_id(self) -> str:
+        return ".." + self.record.peer_id[-4:]
+
+
+def block_key(model_id: str, block: int) -> str:
+    return f"{model_id}_{_field(block)}"
+
+
+def _field(block: int) -> str:
+    return f"b{block}"
+
+
+_OWNED_SUBKEY = conbytes(regex=rb"^[A-Za-z0-9]+" + RSASignatureValidator.PUBLIC_KEY_REGEX + rb"$")
+
+
+def schema_validator(model_id: str, num_blocks: int) -> SchemaValidator:
+    """A SchemaValidator for every block key of one model."""
+    fields = {_field(block): (dict[_OWNED_SUBKEY, ServerRecord], None) for block in range(num_blocks)}
+    schema = pydantic.create_model(f"BlocksOf_{model_id}", **fields)
+    return SchemaValidator(schema, allow_extra_keys=True, prefix=model_id)
+
+
+def parse_record(raw: object) -> ServerRecord | None:
+    """A record read from the DHT, or None (logged at DEBUG) if it does not match the schema."""
+    try:
+        return ServerRecord.parse_obj(raw)
+    except (pydantic.ValidationError, TypeError) as exc:
+        logger.debug("dropping malformed server record: %s", exc)
+        return None

@@ -1,0 +1,89 @@
+"""Start a hivemind DHT node with shardnet's validators; announce a span; look up every block."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+
+from shardnet.dht.records import ServerRecord, ServerView, block_key, parse_record, schema_validator
+from shardnet.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 0,
+    client_mode: bool = False,
+    model_id: str | None = None,
+    num_blocks: int | None = None,
+) -> hivemind.DHT:
+    """Start a DHT node (in its own process, as hivemind does) that signs and schema-checks records."""
+    validators: list = [RSASignatureValidator()]
+    if model_id is not None and num_blocks is not None:
+        validators.append(schema_validator(model_id, num_blocks))
+    try:
+        return hivemind.DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            client_mode=client_mode,
+            record_validators=validators,
+            start=True,
+        )
+    except Exception as exc:  # hivemind raises bare exceptions for unreachable peers and bad maddrs
+        raise ConfigError(f"cannot start a DHT node with initial peers {list(initial_peers)}: {exc}") from exc
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+
+
+def owned_subkey(dht: hivemind.DHT) -> bytes:
+    """This node's subkey: its peer id followed by its public key, so only it can write the record."""
+    return dht.peer_id.to_base58().encode() + RSASignatureValidator().local_public_key
+
+
+def announce(dht: hivemind.DHT, model_id: str, record: ServerRecord, ttl_s: float) -> bool:
+    """Store ``record`` under every block key of its span; True if every store succeeded."""
+    keys = [block_key(model_id, block) for block in range(record.start, record.end)]
+    subkey = owned_subkey(dht)
+    expiration = get_dht_time() + ttl_s
+    result = dht.run_coroutine(partial(_store_many, keys, subkey, record.dict(), expiration))
+    stored = all(result.values())
+    if not stored:
+        logger.warning("DHT announce of blocks %d:%d was not stored everywhere", record.start, record.end)
+    return stored
+
+
+async def _store_many(keys: list[str], subkey: bytes, value: dict, expiration: float, _dht, node) -> dict:
+    return await node.store_many(
+        keys, [value] * len(keys), [expiration] * len(keys), subkeys=[subkey] * len(keys)
+    )
+
+
+async def _get_many(keys: list[str], _dht: hivemind.DHT, node) -> dict:
+    return await node.get_many(keys)
+
+
+def lookup(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[list[ServerView]]:
+    """For each block, the servers that announced it and whose record is valid and unexpired."""
+    keys = [block_key(model_id, block) for block in range(num_blocks)]
+    found = dht.run_coroutine(partial(_get_many, keys))
+    now = get_dht_time()
+    per_block: list[list[ServerView]] = []
+    for key in keys:
+        entry = found.get(key)
+        views: list[ServerView] = []
+        if entry is not None and isinstance(entry.value, dict):
+            for item in entry.value.values():
+                record = parse_record(getattr(item, "value", None))
+                if record is not None and item.expiration_time > now:
+                    views.append(ServerView(record=record, expiration_time=item.expiration_time))
+        per_block.append(views)
+    return per_block

@@ -1,0 +1,175 @@
+"""LocalSwarm: a DHT node and several ``shardnet serve`` processes on 127.0.0.1, started and stopped together.
+
+Used by tests, benchmarks, ``servers/local_swarm.py`` and the quickstart. Every process is a real
+``python -m shardnet`` child; ``stop()`` sends SIGTERM, waits, and kills what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from shardnet.dht import ServerState, lookup, start_dht
+from shardnet.errors import ShardnetError
+from shardnet.models import derive_model_id, load_config
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmStartError(ShardnetError):
+    """A local swarm process exited or did not become ready in time; the message carries its log tail."""
+
+
+def even_spans(num_blocks: int, num_servers: int) -> list[tuple[int, int]]:
+    """Split 0:num_blocks into num_servers contiguous, near-equal half-open spans."""
+    if not 1 <= num_servers <= num_blocks:
+        raise ValueError(f"cannot split {num_blocks} blocks over {num_servers} servers")
+    bounds = [round(i * num_blocks / num_servers) for i in range(num_servers + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+class LocalSwarm:
+    def __init__(
+        self,
+        model_path: str | Path,
+        spans: Sequence[tuple[int, int]],
+        dtype: str = "float32",
+        extra_args: Sequence[str] = (),
+        log_dir: str | Path | None = None,
+        torch_threads: int | None = None,
+    ):
+        self.model_path = Path(model_path)
+        self.spans = list(spans)
+        self.dtype = dtype
+        self.extra_args = list(extra_args)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.torch_threads = torch_threads
+        config = load_config(self.model_path)
+        self.model_id = derive_model_id(config)
+        self.num_blocks = int(config.num_hidden_layers)
+        self.initial_peers: list[str] = []
+        self.dht_process: subprocess.Popen | None = None
+        self.servers: list[subprocess.Popen] = []
+        self._logs: list = []
+
+    def _spawn(self, args: list[str], name: str, stdout=None) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
+        if log is not subprocess.DEVNULL:
+            self._logs.append(log)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return subprocess.Popen(
+            [sys.executable, "-m", "shardnet", *args], stdout=stdout or log, stderr=log, env=env, text=True
+        )
+
+    def start_dht(self, timeout_s: float = 60.0) -> list[str]:
+        self.dht_process = self._spawn(
+            ["dht", "--host", "127.0.0.1", "--port", "0"], "dht", stdout=subprocess.PIPE
+        )
+        first = _read_line(self.dht_process, timeout_s)
+        if not first.startswith("/"):
+            raise SwarmStartError(f"shardnet dht printed {first!r} instead of a multiaddr")
+        self.initial_peers = [first.strip()]
+        return self.initial_peers
+
+    def start_server(self, start: int, end: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+        args = [
+            "serve",
+            "--model",
+            str(self.model_path),
+            "--blocks",
+            f"{start}:{end}",
+            "--dtype",
+            self.dtype,
+            "--initial-peers",
+            *self.initial_peers,
+            *self.extra_args,
+            *extra_args,
+        ]
+        if self.torch_threads:
+            args += ["--torch-threads", str(self.torch_threads)]
+        process = self._spawn(args, f"server_{start}_{end}")
+        self.servers.append(process)
+        return process
+
+    def start(self, timeout_s: float = 120.0) -> LocalSwarm:
+        try:
+            self.start_dht()
+            for start, end in self.spans:
+                self.start_server(start, end)
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def online_servers(self, dht) -> set[str]:
+        """Peer ids of ONLINE servers, from a DHT look-up."""
+        peers = set()
+        for views in lookup(dht, self.model_id, self.num_blocks):
+            peers |= {v.record.peer_id for v in views if v.record.state == ServerState.ONLINE.value}
+        return peers
+
+    def wait_ready(self, timeout_s: float = 120.0, expected: int | None = None) -> None:
+        """Poll the DHT until every started server is ONLINE (or one exits, or time runs out)."""
+        expected = len(self.servers) if expected is None else expected
+        dht = start_dht(self.initial_peers, client_mode=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                for process in self.servers:
+                    if process.poll() is not None:
+                        raise SwarmStartError(f"server {process.args[4:8]} exited with {process.returncode}")
+                if len(self.online_servers(dht)) >= expected:
+                    return
+                if time.monotonic() > deadline:
+                    raise SwarmStartError(
+                        f"only {len(self.online_servers(dht))} of {expected} servers online after {timeout_s}s"
+                    )
+                time.sleep(0.2)
+        finally:
+            dht.shutdown()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM servers, then the DHT (reverse order of start); kill whatever is still alive."""
+        processes = [*reversed(self.servers), *([self.dht_process] if self.dht_process else [])]
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in processes:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log in self._logs:
+            log.close()
+        self.servers.clear()
+        self.dht_process = None
+
+    def __enter__(self) -> LocalSwarm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
+    """First stdout line of a child, without blocking past timeout_s."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    if not selector.select(timeout_s):
+        process.kill()
+        raise SwarmStartError(f"{process.args[2:4]} printed nothing in {timeout_s}s")
+    line = process.stdout.readline()
+    if not line:
+        raise SwarmStartError(f"{process.args[2:4]} exited with {process.wait()} before printing a line")
+    return line

@@ -1,0 +1,25 @@
+"""Per-architecture adapters and checkpoint reading. Importing this registers every adapter."""
+
+from shardnet.models import llama  # noqa: F401  (registers the Llama adapter)
+from shardnet.models.base import (
+    ClientHead,
+    ModelAdapter,
+    SpanInputs,
+    SpanModule,
+    adapter_for,
+    supported_model_types,
+)
+from shardnet.models.checkpoint import Checkpoint, derive_model_id, load_config, validate_model_id
+
+__all__ = [
+    "Checkpoint",
+    "ClientHead",
+    "ModelAdapter",
+    "SpanInputs",
+    "SpanModule",
+    "adapter_for",
+    "derive_model_id",
+    "load_config",
+    "supported_model_types",
+    "validate_model_id",
+]

@@ -1,0 +1,102 @@
+"""The adapter contract: everything the server and client need to know about one architecture."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from shardnet.errors import ModelLoadError
+from shardnet.models.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpanInputs:
+    """What one call of a span needs besides the hidden states."""
+
+    attention_mask: torch.Tensor | None  # [batch, past + new] 0/1 padding mask of every position, or None
+    position_ids: torch.Tensor  # [batch, new] rotary positions of the new positions
+
+
+class SpanModule(nn.Module, ABC):
+    """Blocks ``start:end`` of a model, runnable over any contiguous sub-range with a KV cache."""
+
+    start: int
+    end: int
+
+    @abstractmethod
+    def new_cache(self) -> object:
+        """A fresh, empty KV cache for one session over this span."""
+
+    @abstractmethod
+    def run(
+        self, hidden_states: torch.Tensor, inputs: SpanInputs, cache: object | None, start: int, end: int
+    ) -> torch.Tensor:
+        """Run blocks ``start:end`` (absolute indices) over ``hidden_states`` [batch, new, hidden]."""
+
+
+class ClientHead(nn.Module, ABC):
+    """The small parts a client keeps: token embeddings, final norm and LM head."""
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] token ids -> [batch, seq, hidden] hidden states."""
+
+    @abstractmethod
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, hidden] final hidden states -> [batch, seq, vocab] logits."""
+
+
+class ModelAdapter(ABC):
+    """Per-architecture glue, registered by transformers' ``model_type``."""
+
+    model_types: tuple[str, ...] = ()
+
+    @staticmethod
+    def num_blocks(config: PretrainedConfig) -> int:
+        return int(config.num_hidden_layers)
+
+    @abstractmethod
+    def load_span(
+        self, checkpoint: Checkpoint, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype
+    ) -> SpanModule:
+        """Build blocks ``start:end`` and load only their weights."""
+
+    @abstractmethod
+    def load_head(self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> ClientHead:
+        """Build the client-side parts and load only their weights."""
+
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+
+
+def register(adapter: ModelAdapter) -> ModelAdapter:
+    for model_type in adapter.model_types:
+        _REGISTRY[model_type] = adapter
+    return adapter
+
+
+def adapter_for(config: PretrainedConfig) -> ModelAdapter:
+    adapter = _REGISTRY.get(config.model_type)
+    if adapter is None:
+        raise ModelLoadError(
+            f"architecture {config.model_type!r} is not supported yet; supported: {', '.join(sorted(_REGISTRY))}"
+        )
+    return adapter
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into a module built on the meta device; every parameter must be present."""
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ModelLoadError(f"{what}: missing weights {missing[:5]} / unexpected weights {unexpected[:5]}")

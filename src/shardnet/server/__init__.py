@@ -1,0 +1,1 @@
+"""A server: block backend, sessions and cache budget, gRPC servicer, announcer, composition root."""

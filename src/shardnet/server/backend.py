@@ -1,0 +1,148 @@
+"""SpanBackend: checks every request against the span's limits, then runs the blocks. No gRPC here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from shardnet.errors import InvalidRequestError, ModelMismatchError
+from shardnet.models import SpanInputs, SpanModule
+from shardnet.server.sessions import Session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpanLimits:
+    """What the backend accepts; requests outside these are refused before any work."""
+
+    model_id: str
+    start: int
+    end: int
+    hidden_size: int
+    max_batch_size: int
+    max_length: int  # longest session and longest unary forward, positions
+    max_position: int  # positions must be below this (the model's max_position_embeddings)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    hidden_states: torch.Tensor  # [batch, new, hidden]
+    attention_mask: torch.Tensor | None  # [batch, new] 0/1, or None for no padding
+    position_ids: torch.Tensor | None  # [batch, new] int64, or None for consecutive positions
+
+
+class SpanBackend:
+    def __init__(self, span: SpanModule, dtype: torch.dtype, limits: SpanLimits):
+        self.span = span
+        self.dtype = dtype
+        self.limits = limits
+
+    # ---- checks (cheap, before any work) ----
+
+    def check_model(self, model_id: str) -> None:
+        if model_id != self.limits.model_id:
+            raise ModelMismatchError(f"this server holds model {self.limits.model_id}, not {model_id!r}")
+
+    def check_span(self, start: int, end: int) -> None:
+        if not self.limits.start <= start < end <= self.limits.end:
+            raise InvalidRequestError(
+                f"span {start}:{end} is not a non-empty part of this server's blocks "
+                f"{self.limits.start}:{self.limits.end}"
+            )
+
+    def check_session_shape(self, batch_size: int, max_length: int) -> None:
+        if not 1 <= batch_size <= self.limits.max_batch_size:
+            raise InvalidRequestError(f"batch_size {batch_size} must be 1..{self.limits.max_batch_size}")
+        if not 1 <= max_length <= self.limits.max_length:
+            raise InvalidRequestError(f"max_length {max_length} must be 1..{self.limits.max_length}")
+
+    def check_step(self, step: StepInput, batch_size: int, position: int, max_length: int) -> None:
+        hidden = step.hidden_states
+        if hidden.dim() != 3 or hidden.shape[0] != batch_size or hidden.shape[2] != self.limits.hidden_size:
+            raise InvalidRequestError(
+                f"hidden_states shape {list(hidden.shape)} must be [{batch_size}, new, {self.limits.hidden_size}]"
+            )
+        new = hidden.shape[1]
+        if new < 1:
+            raise InvalidRequestError("hidden_states carries no positions")
+        if position + new > max_length:
+            raise InvalidRequestError(
+                f"{position} + {new} positions exceed the session's max_length {max_length}"
+            )
+        if step.attention_mask is not None:
+            mask = step.attention_mask
+            if list(mask.shape) != [batch_size, new]:
+                raise InvalidRequestError(
+                    f"attention_mask shape {list(mask.shape)} must be [{batch_size}, {new}]"
+                )
+            if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+                raise InvalidRequestError("attention_mask must hold only 0 and 1")
+        if step.position_ids is not None:
+            ids = step.position_ids
+            if list(ids.shape) != [batch_size, new] or ids.dtype != torch.int64:
+                raise InvalidRequestError(f"position_ids must be int64 of shape [{batch_size}, {new}]")
+            if new and (int(ids.min()) < 0 or int(ids.max()) >= self.limits.max_position):
+                raise InvalidRequestError(f"position_ids must lie in 0..{self.limits.max_position - 1}")
+
+    # ---- compute (runs on the compute thread) ----
+
+    def forward(self, step: StepInput, start: int, end: int) -> tuple[torch.Tensor, float]:
+        """Run blocks start:end over full sequences, no cache. Returns (hidden states, compute seconds)."""
+        batch, length = step.hidden_states.shape[:2]
+        positions = step.position_ids
+        if positions is None:
+            positions = torch.arange(length).unsqueeze(0).expand(batch, -1)  # [batch, seq]
+        mask = None if step.attention_mask is None else step.attention_mask.to(torch.int64)
+        return self._run(step.hidden_states, SpanInputs(mask, positions), None, start, end)
+
+    def step(self, session: Session, step: StepInput) -> tuple[torch.Tensor, float]:
+        """Run one step of a session, extending its KV cache and padding mask."""
+        batch, new = step.hidden_states.shape[:2]
+        positions = step.position_ids
+        if positions is None:
+            positions = torch.arange(session.position, session.position + new).unsqueeze(0).expand(batch, -1)
+        if step.attention_mask is not None or session.attention_mask is not None:
+            past = session.attention_mask
+            if past is None:
+                past = torch.ones(batch, session.position, dtype=torch.int64)
+            new_mask = step.attention_mask
+            new_mask = (
+                torch.ones(batch, new, dtype=torch.int64) if new_mask is None else new_mask.to(torch.int64)
+            )
+            session.attention_mask = torch.cat([past, new_mask], dim=1)  # [batch, position + new]
+        out, compute_s = self._run(
+            step.hidden_states,
+            SpanInputs(session.attention_mask, positions),
+            session.cache,
+            session.start,
+            session.end,
+        )
+        session.position += new
+        session.steps += 1
+        session.compute_s += compute_s
+        return out, compute_s
+
+    def _run(
+        self, hidden: torch.Tensor, inputs: SpanInputs, cache: object | None, start: int, end: int
+    ) -> tuple[torch.Tensor, float]:
+        began = time.perf_counter()
+        wire_dtype = hidden.dtype
+        out = self.span.run(hidden.to(self.dtype), inputs, cache, start, end)
+        out = out.to(wire_dtype)
+        return out, time.perf_counter() - began
+
+    def measure_throughput(self, repeats: int = 3) -> float:
+        """Decode steps per second of the whole span at batch 1 (announced, used to rank servers)."""
+        cache = self.span.new_cache()
+        hidden = torch.zeros(1, 1, self.limits.hidden_size, dtype=self.dtype)  # [batch, new, hidden]
+        best = float("inf")
+        for position in range(repeats):
+            inputs = SpanInputs(None, torch.tensor([[position]]))
+            began = time.perf_counter()
+            self.span.run(hidden, inputs, cache, self.limits.start, self.limits.end)
+            best = min(best, time.perf_counter() - began)
+        return 1.0 / max(best, 1e-6)

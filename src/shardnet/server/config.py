@@ -1,0 +1,68 @@
+"""ServerConfig: every knob of ``shardnet serve``, validated where it is made."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardnet.errors import ConfigError
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def parse_span(text: str) -> tuple[int, int]:
+    """'10:20' -> (10, 20): half-open, non-empty, non-negative."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
+    if not match:
+        raise ConfigError(f"--blocks {text!r} is not a span START:END (half-open, e.g. 0:12)")
+    start, end = int(match.group(1)), int(match.group(2))
+    if end <= start:
+        raise ConfigError(f"--blocks {text!r} is empty: END must be greater than START (spans are half-open)")
+    return start, end
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_path: Path  # folder saved by transformers' save_pretrained (safetensors)
+    start: int  # first block served (inclusive)
+    end: int  # one past the last block served
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join; empty = start a new swarm
+    dtype: str = "float32"  # compute dtype of the blocks
+    host: str = "127.0.0.1"  # interface the gRPC server listens on
+    port: int = 0  # gRPC port; 0 = pick a free one
+    announce_host: str | None = None  # host clients dial; default = host
+    dht_host: str = "127.0.0.1"  # interface the DHT node listens on
+    dht_port: int = 0  # DHT port; 0 = pick a free one
+    model_id: str | None = None  # DHT prefix; default = derived from the model's config
+    max_batch_size: int = 32  # largest batch per request or session
+    max_length: int = 8192  # longest session, positions (capped by the model's max_position_embeddings)
+    max_cache_tokens: int = 131072  # KV-cache budget over all sessions, batch x positions
+    max_sessions: int = 64  # inference sessions open at once
+    max_message_bytes: int = 256 * 1024 * 1024  # largest gRPC message sent or received, bytes
+    announce_ttl_s: float = 30.0  # DHT record lifetime; refreshed every third of it
+    drain_timeout_s: float = 10.0  # on SIGTERM, how long open sessions may finish before the server stops
+    torch_threads: int | None = None  # torch intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        if self.start < 0 or self.end <= self.start:
+            raise ConfigError(f"--blocks {self.start}:{self.end} is not a non-empty half-open span")
+        if not 0 <= self.port <= 65535 or not 0 <= self.dht_port <= 65535:
+            raise ConfigError("--port and --dht-port must be between 0 and 65535")
+        if self.host in ("0.0.0.0", "::") and not self.announce_host:
+            raise ConfigError(
+                f"--host {self.host} listens everywhere: also pass --announce-host, the address clients dial"
+            )
+        for name in ("max_batch_size", "max_length", "max_cache_tokens", "max_sessions", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.announce_ttl_s <= 0 or self.drain_timeout_s < 0:
+            raise ConfigError("--announce-ttl must be positive and --drain-timeout non-negative")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError("--torch-threads must be at least 1")
+
+    @property
+    def dial_host(self) -> str:
+        return self.announce_host or self.host

@@ -1,0 +1,176 @@
+"""The gRPC servicer: decode a request, call the backend, encode the reply. Errors map in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from shardnet.dht import ServerState
+from shardnet.errors import InvalidRequestError, ServerUnavailableError, SessionError, ShardnetError
+from shardnet.server.backend import SpanBackend, StepInput
+from shardnet.server.sessions import Session, SessionTable
+from shardnet.version import __version__
+from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
+from shardnet.wire.status import status_for
+from shardnet.wire.tensors import FLOAT_DTYPES, deserialize, serialize
+
+logger = logging.getLogger(__name__)
+_MASK_DTYPES = frozenset({"int64", "bool"})
+_POSITION_DTYPES = frozenset({"int64"})
+
+
+@dataclass
+class ServerRuntime:
+    """What the servicer reads: set up by the composition root, changed as the server's state changes."""
+
+    sessions: SessionTable
+    max_message_bytes: int
+    state: ServerState = ServerState.JOINING
+    backend: SpanBackend | None = None  # None until the span's weights are loaded
+    compute: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="compute")
+    )
+
+    def ready_backend(self) -> SpanBackend:
+        if self.backend is None or self.state == ServerState.JOINING:
+            raise ServerUnavailableError("server is still loading its blocks")
+        if self.state != ServerState.ONLINE:
+            raise ServerUnavailableError(f"server is {self.state.value} and takes no new work")
+        return self.backend
+
+
+def _step_input(hidden: pb.Tensor, mask: pb.Tensor, positions: pb.Tensor, present: set[str]) -> StepInput:
+    return StepInput(
+        hidden_states=deserialize(hidden, FLOAT_DTYPES),
+        attention_mask=deserialize(mask, _MASK_DTYPES) if "attention_mask" in present else None,
+        position_ids=deserialize(positions, _POSITION_DTYPES) if "position_ids" in present else None,
+    )
+
+
+def _present(message) -> set[str]:
+    return {descriptor.name for descriptor, _ in message.ListFields()}
+
+
+class ShardServicer(pb_grpc.ShardServicer):
+    def __init__(self, runtime: ServerRuntime):
+        self.runtime = runtime
+
+    async def _abort(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        if isinstance(error, ShardnetError):
+            code, details = status_for(error)
+            logger.debug("refused request: %s (%s)", details, code.name)
+        else:
+            logger.error("internal error while serving a request", exc_info=error)
+            code, details = grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}"
+        await context.abort(code, details)
+
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.runtime.compute, fn, *args)
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        backend, sessions = self.runtime.backend, self.runtime.sessions
+        reply = pb.InfoResponse(
+            protocol_version=PROTOCOL_VERSION,
+            shardnet_version=__version__,
+            max_message_bytes=self.runtime.max_message_bytes,
+            cache_tokens_total=sessions.max_cache_tokens,
+            cache_tokens_free=sessions.cache_tokens_free,
+            open_sessions=len(sessions),
+        )
+        if backend is not None:
+            limits = backend.limits
+            reply.model_id = limits.model_id
+            reply.span.start, reply.span.end = limits.start, limits.end
+            reply.dtype = str(backend.dtype).removeprefix("torch.")
+            reply.max_batch_size = limits.max_batch_size
+            reply.max_length = limits.max_length
+            reply.hidden_size = limits.hidden_size
+        return reply
+
+    async def Forward(
+        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForwardResponse:
+        try:
+            backend = self.runtime.ready_backend()
+            backend.check_model(request.model_id)
+            backend.check_span(request.span.start, request.span.end)
+            step = _step_input(
+                request.hidden_states, request.attention_mask, request.position_ids, _present(request)
+            )
+            batch, length = step.hidden_states.shape[:2] if step.hidden_states.dim() == 3 else (0, 0)
+            backend.check_session_shape(batch, length)
+            backend.check_step(step, batch, 0, length)
+            out, compute_s = await self._compute(backend.forward, step, request.span.start, request.span.end)
+            return pb.ForwardResponse(hidden_states=serialize(out), compute_s=compute_s)
+        except Exception as error:  # every failure becomes a status; the server keeps serving
+            await self._abort(context, error)
+
+    async def Inference(
+        self, request_iterator: AsyncIterator[pb.InferenceRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.InferenceResponse]:
+        session: Session | None = None
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("kind")
+                if kind == "open":
+                    if session is not None:
+                        raise SessionError("this stream already has an open session")
+                    session = self._open(request.open)
+                    yield pb.InferenceResponse(
+                        opened=pb.SessionOpened(
+                            session_id=session.session_id, cache_tokens=session.cache_tokens
+                        )
+                    )
+                elif kind == "step":
+                    if session is None:
+                        raise SessionError("step before OpenSession: open a session first on this stream")
+                    yield await self._step(session, request.step)
+                else:
+                    raise InvalidRequestError("empty InferenceRequest: set open or step")
+        except Exception as error:  # every failure becomes a status; the server keeps serving
+            await self._abort(context, error)
+        finally:
+            if session is not None:
+                self.runtime.sessions.close(session)
+
+    def _open(self, request: pb.OpenSession) -> Session:
+        backend = self.runtime.ready_backend()
+        backend.check_model(request.model_id)
+        backend.check_span(request.span.start, request.span.end)
+        backend.check_session_shape(request.batch_size, request.max_length)
+        return self.runtime.sessions.open(
+            request.span.start,
+            request.span.end,
+            request.batch_size,
+            request.max_length,
+            backend.span.new_cache(),
+            request.session_id,
+        )
+
+    async def _step(self, session: Session, request: pb.Step) -> pb.InferenceResponse:
+        backend = self.runtime.backend
+        if request.position != session.position:
+            raise SessionError(
+                f"step at position {request.position}, but session {session.short_id} holds {session.position}"
+            )
+        step = _step_input(
+            request.hidden_states, request.attention_mask, request.position_ids, _present(request)
+        )
+        backend.check_step(step, session.batch_size, session.position, session.max_length)
+        out, compute_s = await self._compute(backend.step, session, step)
+        logger.debug(
+            "step session=%s position=%d compute=%.4fs", session.short_id, session.position, compute_s
+        )
+        return pb.InferenceResponse(
+            step=pb.StepResult(
+                step_id=request.step_id,
+                hidden_states=serialize(out),
+                compute_s=compute_s,
+                position=session.position,
+            )
+        )

@@ -1,0 +1,57 @@
+"""torch tensors <-> ``shardnet.v1.Tensor`` messages: dtype name, shape, raw little-endian bytes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shardnet.errors import InvalidRequestError, MessageTooLargeError
+from shardnet.wire.v1 import shardnet_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+MAX_DIMS = 8
+
+
+def serialize(tensor: torch.Tensor, max_bytes: int | None = None) -> pb.Tensor:
+    """Encode a tensor; raise MessageTooLargeError if its bytes exceed ``max_bytes``."""
+    name = DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise InvalidRequestError(f"dtype {tensor.dtype} cannot travel; use one of {sorted(DTYPES)}")
+    flat = tensor.detach().cpu().contiguous()
+    nbytes = flat.numel() * flat.element_size()
+    if max_bytes is not None and nbytes > max_bytes:
+        raise MessageTooLargeError(
+            f"tensor of shape {list(tensor.shape)} is {nbytes} bytes, over the {max_bytes}-byte message limit"
+        )
+    # bfloat16 has no numpy dtype: reinterpret 2-byte elements as int16 to get at the raw bytes.
+    raw = flat.view(torch.int16) if flat.dtype in (torch.bfloat16, torch.float16) else flat
+    return pb.Tensor(dtype=name, shape=list(flat.shape), data=raw.numpy().tobytes())
+
+
+def deserialize(message: pb.Tensor, allowed: frozenset[str] | None = None) -> torch.Tensor:
+    """Decode a tensor, checking dtype, shape and byte count before touching the data."""
+    dtype = DTYPES.get(message.dtype)
+    if dtype is None or (allowed is not None and message.dtype not in allowed):
+        raise InvalidRequestError(f"tensor dtype {message.dtype!r} is not accepted here")
+    shape = list(message.shape)
+    if len(shape) > MAX_DIMS or any(dim < 0 for dim in shape):
+        raise InvalidRequestError(f"tensor shape {shape} is invalid")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if len(message.data) != expected:
+        raise InvalidRequestError(
+            f"tensor of dtype {message.dtype} and shape {shape} needs {expected} bytes, got {len(message.data)}"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    # bytearray makes one writable copy, so torch owns its memory and never aliases the message.
+    return torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for shardnet.v1 (python -m shardnet.wire.regen)."""

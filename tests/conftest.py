@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random Llama models saved as safetensors, and real local swarms."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from shardnet.launch import LocalSwarm
+
+logger = logging.getLogger(__name__)
+
+
+def make_llama(path: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama saved with save_pretrained (safetensors), float32."""
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    # Random init gives near-uniform logits; scale the head so greedy choices are not near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_untied(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama_untied"))
+
+
+@pytest.fixture(scope="session")
+def llama_tied(tmp_path_factory) -> Path:
+    """Tied embeddings, grouped-query attention with 1 KV head, sharded checkpoint with an index."""
+    path = tmp_path_factory.mktemp("llama_tied")
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rope_theta=500000.0,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(4.0)
+    model.save_pretrained(path, max_shard_size="100KB")
+    assert (path / "model.safetensors.index.json").exists()
+    return path
+
+
+def reference(path: Path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+SWARM_LAYOUTS = {
+    "one_server": ("llama_untied", [(0, 6)]),
+    "two_servers": ("llama_untied", [(0, 3), (3, 6)]),
+    "three_uneven_tied": ("llama_tied", [(0, 1), (1, 4), (4, 6)]),
+}
+
+
+@pytest.fixture(scope="module", params=list(SWARM_LAYOUTS))
+def swarm(request, tmp_path_factory):
+    """A real DHT and real `shardnet serve` processes on 127.0.0.1; stopped at module end."""
+    model_fixture, spans = SWARM_LAYOUTS[request.param]
+    model_path = request.getfixturevalue(model_fixture)
+    logs = tmp_path_factory.mktemp(f"logs_{request.param}")
+    local = LocalSwarm(model_path, spans, log_dir=logs, torch_threads=1)
+    local.start(timeout_s=180)
+    yield local
+    local.stop()

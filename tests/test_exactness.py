@@ -1,0 +1,111 @@
+"""The swarm's numbers equal the local transformers model's (float32, CPU), on every swarm layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardnet import ShardedModel
+
+from .conftest import reference
+
+PROMPT_LEN = 9
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    model = ShardedModel.from_pretrained(swarm.model_path, initial_peers=swarm.initial_peers)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def local(swarm):
+    return reference(swarm.model_path)
+
+
+def _batch_left_padded(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (2, PROMPT_LEN), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 0, 0  # row 0 is left-padded by 4
+    return ids, mask
+
+
+def test_route_covers_every_block(swarm, client):
+    route = client.route(refresh=True)
+    assert [(hop.start, hop.end) for hop in route] == swarm.spans
+
+
+def test_logits_match_with_left_padding(client, local):
+    ids, mask = _batch_left_padded()
+    got = client(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        want = local(ids, attention_mask=mask).logits
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_logits_match_without_mask(client, local):
+    ids = torch.randint(3, 256, (1, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = local(ids).logits
+    assert (client(ids).logits - want).abs().max().item() <= 1e-4
+
+
+def test_greedy_generate_matches(client, local):
+    ids = torch.randint(3, 256, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    want = local.generate(ids, max_new_tokens=16, do_sample=False)
+    got = client.generate(ids, max_new_tokens=16, do_sample=False)
+    assert got.tolist() == want.tolist()
+
+
+def test_greedy_generate_batch2_left_padding(client, local):
+    ids, mask = _batch_left_padded(seed=2)
+    want = local.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    got = client.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert got.tolist() == want.tolist()
+
+
+def test_two_generates_in_one_session_continue_the_conversation(client, local):
+    generator = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, 256, (1, 6), generator=generator)
+    more = torch.randint(3, 256, (1, 4), generator=generator)
+    with client.inference_session(max_length=64):
+        a = client.generate(prompt, max_new_tokens=8)
+        b = client.generate(more, max_new_tokens=8)
+    assert a.shape == (1, 14) and b.shape == (1, 12)
+    want_a = local.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert a.tolist() == want_a.tolist()
+    concatenated = torch.cat([a, more], dim=1)
+    want_b = local.generate(concatenated, max_new_tokens=8, do_sample=False)
+    assert b[:, 4:].tolist() == want_b[:, concatenated.shape[1] :].tolist()
+
+
+def test_sampling_respects_top_k_and_matches_seeded_local(client, local):
+    ids = torch.randint(3, 256, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(do_sample=True, temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=10)
+    torch.manual_seed(1234)
+    got = client.generate(ids, **kwargs)
+    torch.manual_seed(1234)
+    want = local.generate(ids, **kwargs)
+    assert got.tolist() == want.tolist()
+    vocab = local.config.vocab_size
+    assert ((got >= 0) & (got < vocab)).all()
+    with torch.no_grad():
+        logits = local(got).logits[0]
+    for position in range(PROMPT_LEN, got.shape[1]):
+        top = torch.topk(logits[position - 1], 5).indices.tolist()
+        assert got[0, position].item() in top
+
+
+def test_repetition_penalty_and_eos_match_local(client, local):
+    ids = torch.randint(3, 256, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(6))
+    greedy = local.generate(ids, max_new_tokens=6, do_sample=False)
+    eos = int(greedy[0, PROMPT_LEN + 2])  # stop on the third generated token
+    kwargs = dict(
+        max_new_tokens=12, do_sample=False, repetition_penalty=1.3, eos_token_id=eos, pad_token_id=0
+    )
+    want = local.generate(ids, **kwargs)
+    got = client.generate(ids, **kwargs)
+    assert got.tolist() == want.tolist()
