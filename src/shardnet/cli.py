@@ -33,7 +33,7 @@ def _span(text: str) -> tuple[int, int]:
     try:
         return parse_span(text)
     except ShardnetError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--blocks {text!r} ")) from exc
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _peers(args: argparse.Namespace) -> tuple[str, ...]:

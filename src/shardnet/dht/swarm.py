@@ -68,7 +68,21 @@ async def _store_many(keys: list[str], subkey: bytes, value: dict, expiration: f
 
 
 async def _get_many(keys: list[str], _dht: hivemind.DHT, node) -> dict:
-    return await node.get_many(keys)
+    # An infinite sufficient expiration = hivemind's `latest`: ask the network instead of a cached copy,
+    # so state changes (JOINING -> ONLINE -> DRAINING) are seen at once.
+    return await node.get_many(keys, sufficient_expiration_time=float("inf"))
+
+
+def _owned_by(subkey: object, record: ServerRecord) -> bool:
+    """The subkey carries an owner key (so RSASignatureValidator checked the signature) and this peer id.
+
+    Checked by the reader too, because a node that does not know this model (a bootstrap node) stores
+    records without the schema check.
+    """
+    if not isinstance(subkey, bytes) or not subkey.startswith(record.peer_id.encode() + b"[owner:"):
+        logger.debug("dropping record of %s: subkey is not owned by it", record.peer_id)
+        return False
+    return True
 
 
 def lookup(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[list[ServerView]]:
@@ -81,9 +95,9 @@ def lookup(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[list[Serve
         entry = found.get(key)
         views: list[ServerView] = []
         if entry is not None and isinstance(entry.value, dict):
-            for item in entry.value.values():
+            for subkey, item in entry.value.items():
                 record = parse_record(getattr(item, "value", None))
-                if record is not None and item.expiration_time > now:
+                if record is not None and item.expiration_time > now and _owned_by(subkey, record):
                     views.append(ServerView(record=record, expiration_time=item.expiration_time))
         per_block.append(views)
     return per_block

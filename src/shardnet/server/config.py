@@ -15,10 +15,10 @@ def parse_span(text: str) -> tuple[int, int]:
     """'10:20' -> (10, 20): half-open, non-empty, non-negative."""
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
     if not match:
-        raise ConfigError(f"--blocks {text!r} is not a span START:END (half-open, e.g. 0:12)")
+        raise ConfigError(f"{text!r} is not a span START:END (half-open, e.g. 0:12)")
     start, end = int(match.group(1)), int(match.group(2))
     if end <= start:
-        raise ConfigError(f"--blocks {text!r} is empty: END must be greater than START (spans are half-open)")
+        raise ConfigError(f"{text!r} is empty: END must be greater than START (spans are half-open)")
     return start, end
 
 

@@ -1,0 +1,216 @@
+"""A server refuses bad requests with the exact status code and keeps serving everyone else."""
+
+from __future__ import annotations
+
+import queue
+
+import grpc
+import pytest
+import torch
+
+from shardnet.launch import LocalSwarm
+from shardnet.wire import pb, pb_grpc
+from shardnet.wire.tensors import serialize
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def server(llama_untied, tmp_path_factory):
+    """One server for blocks 1:4 with small limits, so the limits are reachable in a test."""
+    swarm = LocalSwarm(
+        llama_untied,
+        [(1, 4)],
+        log_dir=tmp_path_factory.mktemp("bad_input_logs"),
+        torch_threads=1,
+        extra_args=[
+            "--max-message-mb",
+            "1",
+            "--max-cache-tokens",
+            "256",
+            "--max-batch-size",
+            "4",
+            "--max-length",
+            "128",
+        ],
+    )
+    swarm.start(timeout_s=120)
+    from shardnet.dht import lookup, start_dht
+
+    dht = start_dht(swarm.initial_peers, client_mode=True)
+    [view] = lookup(dht, swarm.model_id, swarm.num_blocks)[1]
+    dht.shutdown()
+    channel = grpc.insecure_channel(view.address, options=[("grpc.max_send_message_length", 64 << 20)])
+    yield swarm, pb_grpc.ShardStub(channel)
+    channel.close()
+    swarm.stop()
+
+
+def _forward(swarm, hidden, **fields) -> pb.ForwardRequest:
+    request = dict(model_id=swarm.model_id, span=pb.Span(start=1, end=4), hidden_states=serialize(hidden))
+    request.update(fields)
+    return pb.ForwardRequest(**request)
+
+
+def _assert_still_serves(swarm, stub) -> None:
+    reply = stub.Forward(_forward(swarm, torch.randn(1, 3, HIDDEN)), timeout=30)
+    assert list(reply.hidden_states.shape) == [1, 3, HIDDEN]
+
+
+def _status(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+BAD_FORWARDS = {
+    "wrong_hidden_size": lambda s: _forward(s, torch.randn(1, 3, HIDDEN + 1)),
+    "two_dims": lambda s: _forward(s, torch.randn(3, HIDDEN)),
+    "int_hidden": lambda s: _forward(s, torch.ones(1, 3, HIDDEN, dtype=torch.int64)),
+    "short_data": lambda s: _forward(
+        s,
+        torch.randn(1, 3, HIDDEN),
+        hidden_states=pb.Tensor(dtype="float32", shape=[1, 3, HIDDEN], data=b"\0" * 10),
+    ),
+    "unknown_dtype": lambda s: _forward(
+        s, torch.randn(1, 3, HIDDEN), hidden_states=pb.Tensor(dtype="float64", shape=[1], data=b"\0" * 8)
+    ),
+    "span_outside": lambda s: _forward(s, torch.randn(1, 3, HIDDEN), span=pb.Span(start=0, end=4)),
+    "empty_span": lambda s: _forward(s, torch.randn(1, 3, HIDDEN), span=pb.Span(start=2, end=2)),
+    "batch_too_big": lambda s: _forward(s, torch.randn(5, 3, HIDDEN)),
+    "mask_shape": lambda s: _forward(
+        s, torch.randn(1, 3, HIDDEN), attention_mask=serialize(torch.ones(1, 4, dtype=torch.int64))
+    ),
+    "mask_values": lambda s: _forward(
+        s, torch.randn(1, 3, HIDDEN), attention_mask=serialize(torch.full((1, 3), 7))
+    ),
+    "negative_positions": lambda s: _forward(
+        s, torch.randn(1, 3, HIDDEN), position_ids=serialize(torch.tensor([[-1, 0, 1]]))
+    ),
+    "positions_too_far": lambda s: _forward(
+        s, torch.randn(1, 3, HIDDEN), position_ids=serialize(torch.tensor([[0, 1, 100000]]))
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FORWARDS))
+def test_bad_forward_is_invalid_argument_and_server_keeps_serving(server, case):
+    swarm, stub = server
+    assert (
+        _status(lambda: stub.Forward(BAD_FORWARDS[case](swarm), timeout=30))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    _assert_still_serves(swarm, stub)
+
+
+def test_other_model_is_failed_precondition(server):
+    swarm, stub = server
+    request = _forward(swarm, torch.randn(1, 3, HIDDEN), model_id="llama_000000000000")
+    assert _status(lambda: stub.Forward(request, timeout=30)) == grpc.StatusCode.FAILED_PRECONDITION
+    _assert_still_serves(swarm, stub)
+
+
+def test_oversized_message_is_resource_exhausted(server):
+    swarm, stub = server
+    big = torch.randn(4, 1200, HIDDEN)  # ~1.2 MiB, over the server's 1 MiB limit
+    assert (
+        _status(lambda: stub.Forward(_forward(swarm, big), timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    _assert_still_serves(swarm, stub)
+
+
+class _Stream:
+    def __init__(self, stub):
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.responses = stub.Inference(iter(self.requests.get, None), timeout=30)
+
+    def send(self, **kind) -> pb.InferenceResponse:
+        self.requests.put(pb.InferenceRequest(**kind))
+        return next(self.responses)
+
+    def close(self):
+        self.requests.put(None)
+        self.responses.cancel()
+
+
+def _open(swarm, batch=1, max_length=16, model_id=None) -> dict:
+    return dict(
+        open=pb.OpenSession(
+            model_id=model_id or swarm.model_id,
+            span=pb.Span(start=1, end=4),
+            max_length=max_length,
+            batch_size=batch,
+        )
+    )
+
+
+def _step(position, hidden) -> dict:
+    return dict(step=pb.Step(step_id=1, position=position, hidden_states=serialize(hidden)))
+
+
+def _stream_status(stub, *messages) -> grpc.StatusCode | None:
+    stream = _Stream(stub)
+    try:
+        for message in messages:
+            stream.send(**message)
+    except grpc.RpcError as exc:
+        return exc.code()
+    finally:
+        stream.close()
+    return None
+
+
+def test_step_before_open_is_failed_precondition(server):
+    swarm, stub = server
+    assert _stream_status(stub, _step(0, torch.randn(1, 1, HIDDEN))) == grpc.StatusCode.FAILED_PRECONDITION
+    _assert_still_serves(swarm, stub)
+
+
+def test_wrong_position_is_failed_precondition(server):
+    swarm, stub = server
+    code = _stream_status(stub, _open(swarm), _step(5, torch.randn(1, 1, HIDDEN)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_step_past_max_length_is_invalid_argument(server):
+    swarm, stub = server
+    code = _stream_status(stub, _open(swarm, max_length=4), _step(0, torch.randn(1, 5, HIDDEN)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_session_too_long_for_server_is_invalid_argument(server):
+    swarm, stub = server
+    assert _stream_status(stub, _open(swarm, max_length=129)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cache_budget_is_resource_exhausted_and_freed_on_close(server):
+    swarm, stub = server
+    holder = _Stream(stub)
+    holder.send(**_open(swarm, batch=2, max_length=100))  # 200 of 256 cache tokens
+    try:
+        assert (
+            _stream_status(stub, _open(swarm, batch=1, max_length=100)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        reply = holder.send(**_step(0, torch.randn(2, 3, HIDDEN)))  # the open session is unaffected
+        assert list(reply.step.hidden_states.shape) == [2, 3, HIDDEN]
+    finally:
+        holder.close()
+    for _ in range(50):  # the server frees the cache when the stream ends
+        if stub.Info(pb.InfoRequest(), timeout=10).cache_tokens_free == 256:
+            break
+        import time
+
+        time.sleep(0.1)
+    assert stub.Info(pb.InfoRequest(), timeout=10).cache_tokens_free == 256
+    assert (
+        _stream_status(stub, _open(swarm, batch=1, max_length=100), _step(0, torch.randn(1, 1, HIDDEN)))
+        is None
+    )
+
+
+def test_info_reports_span_and_limits(server):
+    swarm, stub = server
+    info = stub.Info(pb.InfoRequest(), timeout=10)
+    assert (info.model_id, info.span.start, info.span.end) == (swarm.model_id, 1, 4)
+    assert info.protocol_version == "shardnet.v1" and info.dtype == "float32"
+    assert info.max_message_bytes == 1 << 20 and info.max_batch_size == 4 and info.max_length == 128

@@ -1,0 +1,83 @@
+"""Bad flags and bad model folders exit non-zero with one line naming the problem, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import make_llama
+
+
+@pytest.fixture(scope="module")
+def llama_24(tmp_path_factory):
+    return make_llama(
+        tmp_path_factory.mktemp("llama24"),
+        num_hidden_layers=24,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shardnet", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "words"),
+    [
+        ("30:40", ["30:40", "24 blocks"]),
+        ("5:5", ["5:5", "empty"]),
+        ("abc", ["abc", "START:END"]),
+        ("3", ["START:END"]),
+    ],
+)
+def test_bad_span(llama_24, blocks, words):
+    _assert_one_line_error(_run("serve", "--model", str(llama_24), "--blocks", blocks), *words)
+
+
+def test_missing_model_folder(tmp_path):
+    _assert_one_line_error(
+        _run("serve", "--model", str(tmp_path / "nope"), "--blocks", "0:1"), "does not exist"
+    )
+
+
+def test_folder_without_config(tmp_path):
+    _assert_one_line_error(_run("serve", "--model", str(tmp_path), "--blocks", "0:1"), "config.json")
+
+
+def test_folder_without_weights(llama_24, tmp_path):
+    (tmp_path / "config.json").write_text((llama_24 / "config.json").read_text())
+    _assert_one_line_error(_run("serve", "--model", str(tmp_path), "--blocks", "0:1"), "safetensors")
+
+
+def test_bad_dtype_and_unknown_flag(llama_24):
+    _assert_one_line_error(
+        _run("serve", "--model", str(llama_24), "--blocks", "0:1", "--dtype", "int8"), "--dtype"
+    )
+    _assert_one_line_error(_run("serve", "--model", str(llama_24), "--blocks", "0:1", "--bogus"), "--bogus")
+
+
+def test_listen_everywhere_needs_announce_host(llama_24):
+    _assert_one_line_error(
+        _run("serve", "--model", str(llama_24), "--blocks", "0:1", "--host", "0.0.0.0"), "--announce-host"
+    )
+
+
+def test_status_needs_peers(llama_24, monkeypatch):
+    monkeypatch.delenv("SHARDNET_INITIAL_PEERS", raising=False)
+    _assert_one_line_error(_run("status", "--model", str(llama_24)), "--initial-peers")
