@@ -14,7 +14,7 @@ from shardnet.launch import LocalSwarm
 logger = logging.getLogger(__name__)
 
 
-def make_llama(path: Path, seed: int = 0, **overrides) -> Path:
+def make_llama(path: Path, seed: int = 0, max_shard_size: str = "1GB", **overrides) -> Path:
     """A tiny random Llama saved with save_pretrained (safetensors), float32."""
     settings = dict(
         vocab_size=256,
@@ -33,10 +33,10 @@ def make_llama(path: Path, seed: int = 0, **overrides) -> Path:
     settings.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**settings))
-    # Random init gives near-uniform logits; scale the head so greedy choices are not near-ties.
+    # Random init gives near-uniform logits; scale the output so greedy choices are not near-ties.
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(path)
+        model.get_output_embeddings().weight.mul_(4.0 if settings["tie_word_embeddings"] else 8.0)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
 
 
@@ -48,26 +48,15 @@ def llama_untied(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_tied(tmp_path_factory) -> Path:
     """Tied embeddings, grouped-query attention with 1 KV head, sharded checkpoint with an index."""
-    path = tmp_path_factory.mktemp("llama_tied")
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
+    path = make_llama(
+        tmp_path_factory.mktemp("llama_tied"),
+        seed=1,
+        max_shard_size="100KB",
         intermediate_size=96,
-        num_hidden_layers=6,
-        num_attention_heads=4,
         num_key_value_heads=1,
-        max_position_embeddings=512,
         tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
         rope_theta=500000.0,
     )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(4.0)
-    model.save_pretrained(path, max_shard_size="100KB")
     assert (path / "model.safetensors.index.json").exists()
     return path
 
