@@ -36,6 +36,8 @@ class Conversation:
         self.ids = torch.empty(0, 0, dtype=torch.long)  # [batch, seen] every token fed, then pending ones
         self.mask = torch.empty(0, 0, dtype=torch.long)  # [batch, seen] 0/1 padding mask of those tokens
         self.sent = 0  # positions already on the servers; ids[:, sent:] are pending
+        self.real_sent = torch.zeros(0, dtype=torch.long)  # [batch] non-padding tokens already on the servers
+        self.padded = False  # whether any padding was ever sent (then the servers need the mask)
         self.closed = False
 
     @property
@@ -62,6 +64,7 @@ class Conversation:
             self.batch_size = ids.shape[0]
             self.ids = self.ids.reshape(ids.shape[0], 0)
             self.mask = self.mask.reshape(ids.shape[0], 0)
+            self.real_sent = torch.zeros(ids.shape[0], dtype=torch.long)
         mask = torch.ones_like(ids) if mask is None else mask.to(torch.long)
         self.ids = torch.cat([self.ids, ids.to(torch.long)], dim=1)
         self.mask = torch.cat([self.mask, mask], dim=1)
@@ -73,13 +76,17 @@ class Conversation:
             raise GenerationError("nothing to run: pass at least one token")
         if self.chain is None:
             self.chain = self._open_chain(self.batch_size, self.max_length)
-        # transformers' generate() positions: count of real tokens so far, padding at 0.
-        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, self.sent :]  # [batch, new]
-        new_mask = self.mask[:, self.sent :]
-        send_mask = new_mask if bool((self.mask == 0).any()) else None
+        # transformers' generate() positions: count of real tokens so far, padding at 0. Counted from
+        # real_sent, so a decode step costs the new tokens only, not the whole history.
+        new_mask = self.mask[:, self.sent :]  # [batch, new]
+        counts = self.real_sent[:, None] + new_mask.cumsum(-1)  # [batch, new]
+        positions = (counts - 1).masked_fill(new_mask == 0, 0)
+        self.padded = self.padded or bool((new_mask == 0).any())
+        send_mask = new_mask if self.padded else None
         hidden = self.head.embed(self.pending).to(self.dtype)  # [batch, new, hidden]
         hidden = self.chain.step(hidden, send_mask, positions)
         self.sent = self.ids.shape[1]
+        self.real_sent = counts[:, -1]
         if last_only:
             hidden = hidden[:, -1:]
         return self.head.logits(hidden)  # [batch, new or 1, vocab]

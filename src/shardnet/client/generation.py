@@ -135,15 +135,13 @@ def decode_n_tokens(
     if eos is not None and pad is None:
         pad = int(eos[0])
     unfinished = torch.ones(batch, dtype=torch.bool)
-    context = conversation.ids  # [batch, seen] what repetition penalty looks at
     generated = []
     for index in range(max_new_tokens):
-        scores = processors(context, logits)
+        scores = processors(conversation.ids, logits)  # every token so far: what repetition penalty sees
         token = sample(scores, bool(config.do_sample))  # [batch]
         if eos is not None:
             token = torch.where(unfinished, token, torch.full_like(token, pad))
         generated.append(token)
-        context = torch.cat([context, token[:, None]], dim=1)
         if streamer is not None:
             streamer.put(token.cpu())
         if eos is not None:

@@ -116,6 +116,7 @@ class Server:
             self.runtime.state = ServerState.ONLINE
             await announcer.announce_now()
             announcer.start()
+            maddrs = visible_maddrs(self.dht)
             logger.info(
                 "shardnet server ready: model=%s blocks=%d:%d dtype=%s grpc=%s:%d dht=%s load=%.1fs throughput=%.1f steps/s",
                 self.model_id,
@@ -124,7 +125,7 @@ class Server:
                 cfg.dtype,
                 cfg.dial_host,
                 self.port,
-                visible_maddrs(self.dht)[0] if visible_maddrs(self.dht) else "?",
+                maddrs[0] if maddrs else "?",
                 time.perf_counter() - began,
                 self.throughput,
             )
