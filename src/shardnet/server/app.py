@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -22,6 +23,7 @@ from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb_grpc
 
 logger = logging.getLogger(__name__)
+_UNARY_WORKERS = 4  # gRPC worker threads beyond one per session, for Info and Forward
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -97,12 +99,19 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
 
-        server = grpc.aio.server(options=grpc_options(cfg.max_message_bytes))
+        # A worker thread per open stream (sessions) plus a few for Info/Forward; RPCs beyond that are
+        # refused with RESOURCE_EXHAUSTED instead of queueing behind idle streams.
+        workers = cfg.max_sessions + _UNARY_WORKERS
+        server = grpc.server(
+            ThreadPoolExecutor(workers, thread_name_prefix="grpc"),
+            options=grpc_options(cfg.max_message_bytes),
+            maximum_concurrent_rpcs=workers,
+        )
         pb_grpc.add_ShardServicer_to_server(ShardServicer(self.runtime), server)
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} (address in use or not local)")
-        await server.start()
+        server.start()
 
         self.dht = await asyncio.to_thread(
             start_dht, cfg.initial_peers, cfg.dht_host, cfg.dht_port, False, self.model_id, self.num_blocks
@@ -135,8 +144,7 @@ class Server:
             await announcer.stop()
             self.runtime.state = ServerState.OFFLINE
             await announcer.announce_now()
-            await server.stop(grace=1.0)
-            self.runtime.compute.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(server.stop(grace=1.0).wait)
             await asyncio.to_thread(self.dht.shutdown)
             logger.info("shardnet server stopped: blocks=%d:%d", cfg.start, cfg.end)
 

@@ -88,7 +88,7 @@ class SpanBackend:
             if new and (int(ids.min()) < 0 or int(ids.max()) >= self.limits.max_position):
                 raise InvalidRequestError(f"position_ids must lie in 0..{self.limits.max_position - 1}")
 
-    # ---- compute (runs on the compute thread) ----
+    # ---- compute (runs under the servicer's compute lock) ----
 
     def forward(self, step: StepInput, start: int, end: int) -> tuple[torch.Tensor, float]:
         """Run blocks start:end over full sequences, no cache. Returns (hidden states, compute seconds)."""
