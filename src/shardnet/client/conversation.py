@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from shardnet.client.session import InferenceSession
+from shardnet.client.session import HopTiming, InferenceSession
 from shardnet.errors import GenerationError
 from shardnet.models import ClientHead
 
@@ -39,6 +39,7 @@ class Conversation:
         self.real_sent = torch.zeros(0, dtype=torch.long)  # [batch] non-padding tokens already on the servers
         self.padded = False  # whether any padding was ever sent (then the servers need the mask)
         self.closed = False
+        self.step_timings: list[list[HopTiming]] = []  # per flush, where each hop's time went
 
     @property
     def pending(self) -> torch.Tensor:
@@ -85,6 +86,7 @@ class Conversation:
         send_mask = new_mask if self.padded else None
         hidden = self.head.embed(self.pending).to(self.dtype)  # [batch, new, hidden]
         hidden = self.chain.step(hidden, send_mask, positions)
+        self.step_timings.append(self.chain.last_timings)
         self.sent = self.ids.shape[1]
         self.real_sent = counts[:, -1]
         if last_only:

@@ -26,8 +26,14 @@ _END = None  # put on a request queue to half-close its stream
 class HopTiming:
     """Where one step's time went on one hop, in seconds."""
 
-    total_s: float = 0.0  # client send -> reply decoded
-    server_compute_s: float = 0.0  # the server's own report
+    total_s: float = 0.0  # client encode start -> reply decoded
+    server_compute_s: float = 0.0  # the server's own report of running its blocks
+    client_s: float = 0.0  # encoding the request and decoding the reply on the client
+
+    @property
+    def wire_s(self) -> float:
+        """The rest: network, gRPC on both sides, server-side decode/encode and queueing."""
+        return max(self.total_s - self.server_compute_s - self.client_s, 0.0)
 
 
 def _optional_tensors(mask: torch.Tensor | None, positions: torch.Tensor | None, limit: int) -> dict:
@@ -87,8 +93,9 @@ class SpanStream:
 
     def step(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, float]:
-        """Send the new positions' hidden states [batch, new, hidden]; returns (output, server compute s)."""
+    ) -> tuple[torch.Tensor, HopTiming]:
+        """Send the new positions' hidden states [batch, new, hidden]; returns (output, where time went)."""
+        began = time.perf_counter()
         self._step_id += 1
         step = pb.Step(
             step_id=self._step_id,
@@ -96,12 +103,18 @@ class SpanStream:
             hidden_states=serialize(hidden, self._limit),
             **_optional_tensors(mask, positions, self._limit),
         )
-        reply = self._exchange(pb.InferenceRequest(step=step))
+        request = pb.InferenceRequest(step=step)
+        sent = time.perf_counter()
+        reply = self._exchange(request)
+        received = time.perf_counter()
         result = reply.step
         if reply.WhichOneof("kind") != "step" or result.step_id != self._step_id:
             raise RemoteError(f"{self.peer}: reply does not answer step {self._step_id}")
         self.position += hidden.shape[1]
-        return deserialize(result.hidden_states), result.compute_s
+        out = deserialize(result.hidden_states)
+        done = time.perf_counter()
+        timing = HopTiming(done - began, result.compute_s, (sent - began) + (done - received))
+        return out, timing
 
     def close(self) -> None:
         self._requests.put(_END)
@@ -144,9 +157,8 @@ class InferenceSession:
         """Run [batch, new, hidden] through every hop; mask/positions cover the new positions only."""
         timings = []
         for stream in self._streams:
-            began = time.perf_counter()
-            hidden, compute_s = stream.step(hidden, mask, positions)
-            timings.append(HopTiming(time.perf_counter() - began, compute_s))
+            hidden, timing = stream.step(hidden, mask, positions)
+            timings.append(timing)
         self.position += hidden.shape[1]
         self.last_timings = timings
         return hidden
