@@ -24,6 +24,10 @@ class ModelLoadError(ConfigError):
     """The model folder is missing, unreadable or of an unsupported architecture."""
 
 
+class DemoModelMissingError(ConfigError):
+    """The package that embeds the demo model is not installed; the message says how to install it."""
+
+
 class InvalidRequestError(ShardnetError, ValueError):
     """A request is malformed: wrong shape, dtype, span, position or size. Never retried."""
 
