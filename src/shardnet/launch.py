@@ -63,8 +63,15 @@ class LocalSwarm:
         if log is not subprocess.DEVNULL:
             self._logs.append(log)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # A session of its own: Ctrl-C at a terminal reaches only our process, which stops the children
+        # in order (servers first, DHT last) instead of every process tearing itself down at once.
         return subprocess.Popen(
-            [sys.executable, "-m", "shardnet", *args], stdout=stdout or log, stderr=log, env=env, text=True
+            [sys.executable, "-m", "shardnet", *args],
+            stdout=stdout or log,
+            stderr=log,
+            env=env,
+            text=True,
+            start_new_session=True,
         )
 
     def start_dht(self, timeout_s: float = 60.0) -> list[str]:
