@@ -106,7 +106,8 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
         )
         _say(out, "route:")
         for hop in model.route():
-            _say(out, f"  blocks {hop.start}:{hop.end}  peer {hop.server.short_id}  {hop.server.address}")
+            span = f"{hop.start}:{hop.end}"
+            _say(out, f"  blocks {span:<7} peer {hop.server.short_id}  {hop.server.address}")
         input_ids = _prompt_ids(tokenizer, config.prompt)  # [1, prompt]
         _say(out, f"prompt: {config.prompt}")
         _say(out, f"generating up to {config.max_new_tokens} tokens:")
@@ -114,6 +115,7 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
         began = time.perf_counter()
         model.generate(input_ids, max_new_tokens=config.max_new_tokens, do_sample=False, streamer=streamer)
         _say(out, _speed_line(began, streamer.token_times))
+        _say(out, "stopping the swarm")
         return 0
     except KeyboardInterrupt:
         if streamer is not None and streamer.token_times:
