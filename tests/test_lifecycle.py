@@ -47,3 +47,35 @@ def test_sigterm_stops_server_cleanly_and_route_error_names_missing_blocks(llama
         with ShardedModel.from_pretrained(llama_untied, swarm.initial_peers, route_timeout_s=1.0) as model:
             with pytest.raises(RouteNotFoundError, match="3:6"):
                 model(torch.tensor([[5, 6, 7]]))
+
+
+_LAUNCHER = """
+import sys, time
+from shardnet.launch import LocalSwarm
+swarm = LocalSwarm(sys.argv[1], [(0, 3), (3, 6)], torch_threads=1).start(timeout_s=180)
+print(" ".join(str(p.pid) for p in [swarm.dht_process, *swarm.servers]), flush=True)
+time.sleep(600)
+"""
+
+
+def test_swarm_children_exit_when_their_launcher_is_killed(llama_untied):
+    """Children run in their own session (no Ctrl-C storm); SIGKILL of the launcher must still end them."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(llama_untied)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(pid) for pid in launcher.stdout.readline().split()]
+        assert len(pids) == 3, "the launcher did not report its swarm"
+        children = [psutil.Process(pid) for pid in pids]
+    finally:
+        launcher.kill()
+        launcher.wait()
+    _, alive = psutil.wait_procs(children, timeout=60)
+    for process in alive:
+        process.kill()
+    assert not alive, f"orphaned after the launcher died: {[p.cmdline()[3:5] for p in alive]}"

@@ -215,8 +215,22 @@ def _wait_for_signal() -> None:
 COMMANDS = {"dht": cmd_dht, "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo}
 
 
+def _exit_with_parent() -> None:
+    """A LocalSwarm child: get SIGTERM (a clean drain) when the process that started us dies, on Linux."""
+    parent = os.environ.get("SHARDNET_PARENT_PID", "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _exit_with_parent()
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

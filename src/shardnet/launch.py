@@ -20,6 +20,7 @@ from shardnet.errors import ShardnetError
 from shardnet.models import derive_model_id, load_config
 
 logger = logging.getLogger(__name__)
+PARENT_PID_ENV = "SHARDNET_PARENT_PID"  # set for every child; the CLI ties the child's life to this pid
 
 
 class SwarmStartError(ShardnetError):
@@ -62,7 +63,9 @@ class LocalSwarm:
         log = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
         if log is not subprocess.DEVNULL:
             self._logs.append(log)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # PARENT_PID_ENV: the child asks the kernel for SIGTERM when we die, even by SIGKILL (see cli.py),
+        # since its own session keeps it out of reach of our process group.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_PID_ENV: str(os.getpid())})
         # A session of its own: Ctrl-C at a terminal reaches only our process, which stops the children
         # in order (servers first, DHT last) instead of every process tearing itself down at once.
         return subprocess.Popen(
