@@ -28,6 +28,12 @@ class DemoModelMissingError(ConfigError):
     """The package that embeds the demo model is not installed; the message says how to install it."""
 
 
+class DHTStartError(ShardnetError):
+    """The local DHT node's process did not come up in time (it died or hangs)."""
+
+    retryable = True
+
+
 class InvalidRequestError(ShardnetError, ValueError):
     """A request is malformed: wrong shape, dtype, span, position or size. Never retried."""
 

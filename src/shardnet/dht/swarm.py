@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from functools import partial
 
 import hivemind
@@ -11,7 +12,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from shardnet.dht.records import ServerRecord, ServerView, block_key, parse_record, schema_validator
-from shardnet.errors import ConfigError
+from shardnet.errors import ConfigError, DHTStartError
 
 logger = logging.getLogger(__name__)
 
@@ -23,21 +24,32 @@ def start_dht(
     client_mode: bool = False,
     model_id: str | None = None,
     num_blocks: int | None = None,
+    timeout_s: float = 120.0,
 ) -> hivemind.DHT:
-    """Start a DHT node (in its own process, as hivemind does) that signs and schema-checks records."""
+    """Start a DHT node (in its own process, as hivemind does) that signs and schema-checks records.
+
+    hivemind forks that process: call this before creating any gRPC server or channel in the process,
+    since a fork taken while gRPC's threads run can leave the child dead or deadlocked.
+    """
     validators: list = [RSASignatureValidator()]
     if model_id is not None and num_blocks is not None:
         validators.append(schema_validator(model_id, num_blocks))
+    dht = hivemind.DHT(
+        initial_peers=list(initial_peers),
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        client_mode=client_mode,
+        record_validators=validators,
+        start=False,
+    )
     try:
-        return hivemind.DHT(
-            initial_peers=list(initial_peers),
-            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-            client_mode=client_mode,
-            record_validators=validators,
-            start=True,
-        )
+        dht.run_in_background(await_ready=True, timeout=timeout_s)
+    except FutureTimeoutError:  # the node's process died or hangs: without a timeout we would wait forever
+        dht.terminate()
+        raise DHTStartError(f"the DHT node did not start within {timeout_s:.0f}s") from None
     except Exception as exc:  # hivemind raises bare exceptions for unreachable peers and bad maddrs
+        dht.terminate()
         raise ConfigError(f"cannot start a DHT node with initial peers {list(initial_peers)}: {exc}") from exc
+    return dht
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

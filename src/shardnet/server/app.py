@@ -91,14 +91,8 @@ class Server:
         )
         return SpanBackend(span, dtype, limits)
 
-    async def run(self) -> None:
+    def _start_grpc(self) -> grpc.Server:
         cfg = self.config
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-
         # A worker thread per open stream (sessions) plus a few for Info/Forward; RPCs beyond that are
         # refused with RESOURCE_EXHAUSTED instead of queueing behind idle streams.
         workers = cfg.max_sessions + _UNARY_WORKERS
@@ -112,10 +106,25 @@ class Server:
         if self.port == 0:
             raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} (address in use or not local)")
         server.start()
+        return server
 
+    async def run(self) -> None:
+        cfg = self.config
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+        # The DHT first: hivemind forks its process, and a fork must not happen while gRPC's threads run.
         self.dht = await asyncio.to_thread(
             start_dht, cfg.initial_peers, cfg.dht_host, cfg.dht_port, False, self.model_id, self.num_blocks
         )
+        try:
+            server = self._start_grpc()
+        except BaseException:
+            await asyncio.to_thread(self.dht.shutdown)
+            raise
         announcer = Announcer(self.dht, self.model_id, self._record, cfg.announce_ttl_s)
         try:
             await announcer.announce_now()  # JOINING
