@@ -1,5 +1,5 @@
 # The few commands people type. Each works from a fresh clone.
-.PHONY: install proto lint test demo quickstart
+.PHONY: install proto lint test demo quickstart bench
 
 install:
 	./scripts/setup.sh
@@ -21,3 +21,6 @@ demo:
 
 quickstart:
 	./scripts/quickstart.sh
+
+bench:
+	./benchmarks/run_all.sh
