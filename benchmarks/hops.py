@@ -81,20 +81,23 @@ def bench_local(
 
 
 def hop_split(steps: list[list], spans: list[str]) -> list[dict]:
-    """Mean per hop over decode steps: client encode/decode, wire (the rest), server compute, in ms."""
+    """Mean per hop over decode steps, in ms: client encode/decode, gRPC + network, server-side
+    checks/decode/encode, server compute (the last two as the server reports them)."""
     split = []
     for index, span in enumerate(spans):
         hops = [step[index] for step in steps]
-        total = sum(h.total_s for h in hops) / len(hops)
-        client = sum(getattr(h, "client_s", 0.0) for h in hops) / len(hops)
-        compute = sum(h.server_compute_s for h in hops) / len(hops)
+
+        def mean_ms(name: str, hops: list = hops) -> float:
+            return harness.ms(sum(getattr(hop, name) for hop in hops) / len(hops))
+
         split.append(
             {
                 "span": span,
-                "total_ms": harness.ms(total),
-                "client_ms": harness.ms(client),
-                "wire_ms": harness.ms(max(total - client - compute, 0.0)),
-                "server_compute_ms": harness.ms(compute),
+                "total_ms": mean_ms("total_s"),
+                "client_ms": mean_ms("client_s"),
+                "wire_ms": mean_ms("wire_s"),
+                "server_io_ms": mean_ms("server_io_s"),
+                "server_compute_ms": mean_ms("server_compute_s"),
             }
         )
     return split
@@ -125,7 +128,7 @@ def bench_swarm(
                 with model.inference_session(max_length=max_length) as conversation:
                     out = model.generate(ids, max_new_tokens=new_tokens, streamer=streamer, **GREEDY)
                     if streamer is not None:  # timed run: keep its decode steps (step 0 is the prefill)
-                        decode_steps.extend(getattr(conversation, "step_timings", [])[1:])
+                        decode_steps.extend(conversation.step_timings[1:])
                 return out
 
             runs, tokens = timed_runs(generate, prompt, args)
@@ -134,8 +137,6 @@ def bench_swarm(
             model.close()
     finally:
         swarm.stop()
-    if not decode_steps:
-        logger.warning("Conversation.step_timings is missing: no per-hop split")
     fields = dict(
         servers=len(spans),
         spans=harness.span_names(spans),
@@ -157,7 +158,7 @@ def plot(results: list[dict], path: Path) -> None:
     speed.set_ylabel("decode tokens/s")
     speed.set_ylim(bottom=0)
     speed.legend()
-    labels, parts = [], {"client_ms": [], "wire_ms": [], "server_compute_ms": []}
+    labels, parts = [], {"client_ms": [], "wire_ms": [], "server_io_ms": [], "server_compute_ms": []}
     for r in swarms:
         for hop in r["hop_split"]:
             labels.append(f"{r['servers']}srv\n{hop['span']}")

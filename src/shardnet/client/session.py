@@ -29,11 +29,19 @@ class HopTiming:
     total_s: float = 0.0  # client encode start -> reply decoded
     server_compute_s: float = 0.0  # the server's own report of running its blocks
     client_s: float = 0.0  # encoding the request and decoding the reply on the client
+    server_handle_s: float = (
+        0.0  # the server's own report: request decoded -> reply encoded, compute included
+    )
+
+    @property
+    def server_io_s(self) -> float:
+        """Server-side checks, decode and encode around the compute."""
+        return max(self.server_handle_s - self.server_compute_s, 0.0)
 
     @property
     def wire_s(self) -> float:
-        """The rest: network, gRPC on both sides, server-side decode/encode and queueing."""
-        return max(self.total_s - self.server_compute_s - self.client_s, 0.0)
+        """The rest: gRPC on both sides (threads, HTTP/2, protobuf bytes) and the network."""
+        return max(self.total_s - self.server_handle_s - self.client_s, 0.0)
 
 
 def _optional_tensors(mask: torch.Tensor | None, positions: torch.Tensor | None, limit: int) -> dict:
@@ -113,7 +121,12 @@ class SpanStream:
         self.position += hidden.shape[1]
         out = deserialize(result.hidden_states)
         done = time.perf_counter()
-        timing = HopTiming(done - began, result.compute_s, (sent - began) + (done - received))
+        timing = HopTiming(
+            total_s=done - began,
+            server_compute_s=result.compute_s,
+            client_s=(sent - began) + (done - received),
+            server_handle_s=max(result.handle_s, result.compute_s),  # an older server reports no handle_s
+        )
         return out, timing
 
     def close(self) -> None:

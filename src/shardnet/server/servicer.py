@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -156,6 +157,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         )
 
     def _step(self, session: Session, request: pb.Step) -> pb.InferenceResponse:
+        began = time.perf_counter()
         backend = self.runtime.backend
         if request.position != session.position:
             raise SessionError(
@@ -169,11 +171,11 @@ class ShardServicer(pb_grpc.ShardServicer):
         logger.debug(
             "step session=%s position=%d compute=%.4fs", session.short_id, session.position, compute_s
         )
-        return pb.InferenceResponse(
-            step=pb.StepResult(
-                step_id=request.step_id,
-                hidden_states=serialize(out),
-                compute_s=compute_s,
-                position=session.position,
-            )
+        result = pb.StepResult(
+            step_id=request.step_id,
+            hidden_states=serialize(out),
+            compute_s=compute_s,
+            position=session.position,
         )
+        result.handle_s = time.perf_counter() - began
+        return pb.InferenceResponse(step=result)

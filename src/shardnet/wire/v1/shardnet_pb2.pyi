@@ -131,13 +131,15 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., cache_tokens: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "compute_s", "position")
+    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_S_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     compute_s: float
     position: int
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ...) -> None: ...
+    handle_s: float
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ...) -> None: ...
