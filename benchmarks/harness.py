@@ -61,7 +61,10 @@ def add_common_args(parser: argparse.ArgumentParser, default_model: str = "tiny"
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Threads, plot, logs and the time limit: flags every script takes."""
     parser.add_argument(
-        "--server-threads", type=int, default=1, help="torch threads per server process (default 1)"
+        "--server-threads",
+        type=int,
+        default=None,
+        help="torch threads per server process; default torch's (all cores: servers of a chain compute in turn)",
     )
     parser.add_argument(
         "--client-threads",
@@ -81,6 +84,8 @@ def setup(args: argparse.Namespace) -> None:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.server_threads is None:  # record the number the servers will really use
+        args.server_threads = torch.get_num_threads()
     if args.client_threads:
         torch.set_num_threads(args.client_threads)
 

@@ -124,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=None, help="the user message (default: how a rainbow forms)")
     demo.add_argument("--max-new-tokens", type=_positive_int, default=128)
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    demo.add_argument("--torch-threads", type=_positive_int, default=1, help="torch threads per server")
+    demo.add_argument(
+        "--torch-threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads per server; default torch's (all cores: the servers compute in turn)",
+    )
     return parser
 
 

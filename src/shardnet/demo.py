@@ -41,7 +41,9 @@ class DemoConfig:
     prompt: str = DEFAULT_PROMPT  # user message (chat-templated when the tokenizer has a template)
     max_new_tokens: int = 128  # generation stops here or at the end-of-turn token
     dtype: str = "float32"  # compute dtype of the servers and of the client's parts
-    torch_threads: int | None = 1  # torch threads per server; None = torch's default
+    torch_threads: int | None = (
+        None  # torch threads per server; None = torch's default (servers compute in turn)
+    )
 
     def __post_init__(self) -> None:
         if self.servers < 1:
