@@ -20,3 +20,5 @@ python benchmarks/forward.py --model smollm2 --servers 2 --shapes 1x512 8x128 --
 python benchmarks/memory.py spans --model mid --spans 0:1 0:2 0:4 0:8 0:16 \
     --plot "$OUT/memory_mid.png" > "$OUT/memory.jsonl"
 python benchmarks/memory.py 13b --blocks 0:4 --steps 16 >> "$OUT/memory.jsonl"
+python benchmarks/summary.py "$OUT"/hops_smollm2.jsonl "$OUT"/hops_mid.jsonl "$OUT"/hops_tiny.jsonl \
+    --plot "$OUT/summary.png" > "$OUT/summary.md"
