@@ -46,7 +46,7 @@ RANDOM_MODELS = {
         vocab_size=32000,
     ),
 }
-MODEL_CHOICES = "smollm2 | tiny | mid | PATH"
+MODEL_CHOICES = "smollm2 | tiny | mid | random:KEY=VALUE,... | PATH"
 
 
 # ---- command line and logging ----
@@ -138,10 +138,28 @@ def resolve_model(name: str) -> Path:
             raise SystemExit(f"--model smollm2: {exc}") from None
     if name in RANDOM_MODELS:
         return random_llama(CACHE_DIR / f"bench-{name}", RANDOM_MODELS[name])
+    if name.startswith("random:"):
+        shape = random_shape(name.removeprefix("random:"))
+        label = "-".join(f"{key}{value}" for key, value in sorted(shape.items()))
+        return random_llama(CACHE_DIR / f"bench-random-{label}", shape)
     path = Path(name)
     if not (path / "config.json").is_file():
         raise SystemExit(f"--model {name!r}: not one of {MODEL_CHOICES} and no config.json there")
     return path
+
+
+def random_shape(text: str) -> dict:
+    """``hidden_size=512,num_hidden_layers=4`` on top of the tiny shape: any LlamaConfig int field."""
+    from transformers import LlamaConfig
+
+    known = LlamaConfig().to_dict()
+    shape = dict(RANDOM_MODELS["tiny"])
+    for item in filter(None, text.split(",")):
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in known or not value.isdigit():
+            raise SystemExit(f"--model random:{text}: {item!r} is not LLAMA_CONFIG_FIELD=INTEGER")
+        shape[key] = int(value)
+    return shape
 
 
 def random_llama(folder: Path, shape: dict) -> Path:
