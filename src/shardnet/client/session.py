@@ -29,9 +29,7 @@ class HopTiming:
     total_s: float = 0.0  # client encode start -> reply decoded
     server_compute_s: float = 0.0  # the server's own report of running its blocks
     client_s: float = 0.0  # encoding the request and decoding the reply on the client
-    server_handle_s: float = (
-        0.0  # the server's own report: request decoded -> reply encoded, compute included
-    )
+    server_handle_s: float = 0.0  # the server's report: request decoded -> reply encoded, with compute
 
     @property
     def server_io_s(self) -> float:
