@@ -27,7 +27,10 @@ class ServerState(str, enum.Enum):
 
 
 class ServerRecord(pydantic.BaseModel):
-    """One server's announcement, the same under each block key it holds. Every field is required."""
+    """One server's announcement, the same under each block key it holds.
+
+    Fields with a default were added after the first release: a record from an older server still parses.
+    """
 
     state: pydantic.constr(strict=True, regex="^(joining|online|draining|offline)$")
     peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)  # hivemind peer id, base58
@@ -40,6 +43,11 @@ class ServerRecord(pydantic.BaseModel):
     version: pydantic.constr(strict=True, max_length=32)  # shardnet package version
     throughput: pydantic.confloat(strict=True, ge=0.0)  # measured decode steps/sec of the whole span
     cache_tokens_free: pydantic.conint(strict=True, ge=0)  # free KV-cache budget, batch x positions
+    cache_tokens_total: pydantic.conint(strict=True, ge=0) = 0  # whole KV-cache budget; 0 = not announced
+    open_sessions: pydantic.conint(strict=True, ge=0) = 0  # inference sessions open now
+    sessions_served: pydantic.conint(strict=True, ge=0) = 0  # sessions opened since the server started
+    max_length: pydantic.conint(strict=True, ge=0) = 0  # longest session, positions; 0 = not announced
+    max_batch_size: pydantic.conint(strict=True, ge=0) = 0  # largest batch accepted; 0 = not announced
 
     @pydantic.validator("end")
     def _end_after_start(cls, end: int, values: dict) -> int:  # noqa: N805

@@ -73,6 +73,10 @@ class Server:
             version=__version__,
             throughput=float(self.throughput),
             cache_tokens_free=max(self.runtime.sessions.cache_tokens_free, 0),
+            cache_tokens_total=self.runtime.sessions.max_cache_tokens,
+            open_sessions=len(self.runtime.sessions),
+            max_length=self.max_length,
+            max_batch_size=self.config.max_batch_size,
         )
 
     def _load_backend(self) -> SpanBackend:

@@ -85,6 +85,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             cache_tokens_total=sessions.max_cache_tokens,
             cache_tokens_free=sessions.cache_tokens_free,
             open_sessions=len(sessions),
+            state=self.runtime.state.value,
         )
         if backend is not None:
             limits = backend.limits
