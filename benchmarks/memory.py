@@ -24,10 +24,11 @@ import shaped_checkpoint
 import torch
 from safetensors import safe_open
 
-from shardnet.client.routing import RouteHop
+from shardnet.client.config import ClientConfig
+from shardnet.client.planner import RoutePlanner
 from shardnet.client.session import InferenceSession
+from shardnet.client.swarm_view import SwarmView
 from shardnet.client.transport import Transport
-from shardnet.dht import lookup, start_dht
 from shardnet.launch import LocalSwarm
 
 logger = logging.getLogger("benchmarks.memory")
@@ -139,25 +140,25 @@ def run_spans(args: argparse.Namespace) -> None:
 
 def decode_steps(swarm: LocalSwarm, span_: tuple[int, int], hidden_size: int, steps: int) -> list:
     """Time ``steps`` single-token steps of one hop; returns each step's HopTiming."""
-    dht = start_dht(swarm.initial_peers, client_mode=True)
-    try:
-        view = lookup(dht, swarm.model_id, swarm.num_blocks)[span_[0]][0]
-    finally:
-        dht.shutdown()
     transport = Transport(64 << 20)
+    view = SwarmView.connect(swarm.model_path, swarm.initial_peers, transport=transport)
+    config = ClientConfig(dtype=torch.bfloat16, request_timeout_s=600)
+    planner = RoutePlanner(view, view.health, config)
     timings = []
     try:
-        route = [RouteHop(view, *span_)]
-        with InferenceSession(transport, route, swarm.model_id, 1, steps + 1, timeout_s=600) as session:
+        with InferenceSession(
+            planner, transport, view.health, swarm.model_id, span_, 1, steps + 1, config
+        ) as session:
             generator = torch.Generator().manual_seed(0)
             for index in range(steps + 1):  # the first step is a warm-up
                 hidden = torch.randn(1, 1, hidden_size, generator=generator).to(
                     torch.bfloat16
                 )  # [batch, new, hidden]
-                session.step(hidden, None, None)
+                session.step(hidden, None, torch.tensor([[index]]))
                 if index:
                     timings.extend(session.last_timings)
     finally:
+        view.close()
         transport.close()
     return timings
 

@@ -72,6 +72,19 @@ class ServerUnavailableError(ShardnetError):
     retryable = True
 
 
+class SessionExpiredError(ShardnetError):
+    """The server ended a session on its own (idle reclaim, or the end of its drain): open it again."""
+
+    status_name = "CANCELLED"
+    retryable = True
+
+
+class StepTimeoutError(ServerUnavailableError):
+    """A server did not answer one request within the client's per-request timeout."""
+
+    status_name = "DEADLINE_EXCEEDED"
+
+
 class RemoteError(ShardnetError):
     """A server failed in a way it did not type (an internal error on its side)."""
 
@@ -85,11 +98,12 @@ class RouteNotFoundError(ShardnetError):
     status_name = "UNAVAILABLE"
     retryable = True
 
-    def __init__(self, model_id: str, missing_blocks: list[int]):
+    def __init__(self, model_id: str, missing_blocks: list[int], reason: str = ""):
         self.model_id = model_id
         self.missing_blocks = missing_blocks
+        hint = f" ({reason})" if reason else ""
         super().__init__(
-            f"no server for model {model_id} holds blocks {format_blocks(missing_blocks)}; "
+            f"no usable server for model {model_id} holds blocks {format_blocks(missing_blocks)}{hint}; "
             "start servers for them or check --initial-peers"
         )
 

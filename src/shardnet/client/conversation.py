@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from shardnet.client.session import HopTiming, InferenceSession
+from shardnet.client.hop_stream import HopTiming
+from shardnet.client.routing import RouteHop
+from shardnet.client.session import InferenceSession
 from shardnet.errors import GenerationError
 from shardnet.models import ClientHead
 
@@ -40,6 +42,11 @@ class Conversation:
         self.padded = False  # whether any padding was ever sent (then the servers need the mask)
         self.closed = False
         self.step_timings: list[list[HopTiming]] = []  # per flush, where each hop's time went
+
+    @property
+    def route(self) -> list[RouteHop]:
+        """The servers this conversation runs on now (empty before its first step)."""
+        return self.chain.route if self.chain is not None else []
 
     @property
     def pending(self) -> torch.Tensor:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import hivemind
@@ -14,9 +14,13 @@ from transformers import GenerationConfig, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from shardnet.client import generation
+from shardnet.client.config import ClientConfig, peer_set
 from shardnet.client.conversation import Conversation
+from shardnet.client.forward import forward_through_swarm
+from shardnet.client.health import ServerHealth
+from shardnet.client.planner import RoutePlanner
 from shardnet.client.routing import RouteHop
-from shardnet.client.session import InferenceSession, forward_chain
+from shardnet.client.session import InferenceSession
 from shardnet.client.swarm_view import SwarmView
 from shardnet.client.transport import Transport
 from shardnet.errors import ConfigError, GenerationError
@@ -30,7 +34,9 @@ class ShardedModel:
 
     ``model(input_ids, attention_mask=...)`` returns ``.logits`` like a transformers causal LM;
     ``model.generate(...)`` takes transformers' generation kwargs; ``model.inference_session(max_length)``
-    keeps the servers' KV caches across calls.
+    keeps the servers' KV caches across calls. One model may be used from many threads at once: each
+    call outside ``inference_session`` runs in a session of its own, and an ``inference_session``
+    belongs to the thread (or asyncio task) that opened it.
     """
 
     def __init__(
@@ -39,22 +45,21 @@ class ShardedModel:
         generation_config: GenerationConfig,
         head: ClientHead,
         swarm: SwarmView,
-        dtype: torch.dtype,
-        route_timeout_s: float,
-        request_timeout_s: float,
-        max_message_bytes: int,
+        transport: Transport,
+        client_config: ClientConfig,
     ):
         self.config = config
         self.generation_config = generation_config
         self.head = head
         self.swarm = swarm
-        self.dtype = dtype
-        self.route_timeout_s = route_timeout_s
-        self.request_timeout_s = request_timeout_s
-        self.transport = Transport(max_message_bytes)
-        self._conversation: Conversation | None = None
-        self._route: list[RouteHop] | None = None
-        self._route_time = 0.0
+        self.transport = transport
+        self.client_config = client_config
+        self.health = swarm.health
+        self.planner = RoutePlanner(swarm, self.health, client_config)
+        self.last_route: list[RouteHop] = []  # the route of the most recent call or session, any thread
+        self._conversation: contextvars.ContextVar[Conversation | None] = contextvars.ContextVar(
+            f"shardnet_conversation_{id(self)}", default=None
+        )
 
     @classmethod
     def from_pretrained(
@@ -65,19 +70,32 @@ class ShardedModel:
         model_id: str | None = None,
         dtype: torch.dtype = torch.float32,
         dht: hivemind.DHT | None = None,
+        allowed_servers: Iterable[str] | None = None,
+        blocked_servers: Iterable[str] | None = None,
         route_timeout_s: float = 30.0,
-        request_timeout_s: float = 600.0,
+        request_timeout_s: float = 120.0,
+        max_retries: int = 3,
+        refresh_interval_s: float = 5.0,
         max_message_bytes: int = 256 * 1024 * 1024,
     ) -> ShardedModel:
         """Load the client-side weights from a local model folder and join the swarm.
 
         ``dtype`` is the dtype of the local parts and of the activations sent; only servers computing in
-        the same dtype are used. ``route_timeout_s``: how long to wait for servers covering every block.
+        the same dtype are used. ``allowed_servers`` / ``blocked_servers``: peer ids (base58) to use
+        exclusively / never. ``route_timeout_s``: how long to wait for usable servers covering the blocks.
+        ``request_timeout_s``: a server that does not answer one step (or forward) in time counts as
+        failed, and the session fails over. ``max_retries``: failovers allowed per step.
         """
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ConfigError(
-                f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16"
-            )
+        client_config = ClientConfig(
+            dtype=dtype,
+            route_timeout_s=route_timeout_s,
+            request_timeout_s=request_timeout_s,
+            max_retries=max_retries,
+            refresh_interval_s=refresh_interval_s,
+            max_message_bytes=max_message_bytes,
+            allowed_servers=peer_set(allowed_servers, "allowed_servers"),
+            blocked_servers=peer_set(blocked_servers, "blocked_servers") or frozenset(),
+        )
         if not initial_peers and dht is None:
             raise ConfigError("initial_peers is empty: pass the multiaddrs printed by `shardnet dht`")
         config = load_config(model_path)
@@ -86,21 +104,25 @@ class ShardedModel:
             generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
         except OSError:
             generation_config = GenerationConfig.from_model_config(config)
-        swarm = SwarmView.connect(model_path, initial_peers, model_id=model_id, dht=dht)
-        return cls(
-            config,
-            generation_config,
-            head,
-            swarm,
-            dtype,
-            route_timeout_s,
-            request_timeout_s,
-            max_message_bytes,
+        # The DHT first: hivemind forks its process, which must happen before gRPC channels exist.
+        swarm = SwarmView.connect(
+            model_path, initial_peers, model_id=model_id, dht=dht, health=ServerHealth.shared()
         )
+        swarm.transport = transport = Transport(max_message_bytes)
+        swarm.refresh_interval_s = refresh_interval_s
+        return cls(config, generation_config, head, swarm, transport, client_config)
 
     @property
     def model_id(self) -> str:
         return self.swarm.model_id
+
+    @property
+    def num_blocks(self) -> int:
+        return self.swarm.num_blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.client_config.dtype
 
     @property
     def device(self) -> torch.device:
@@ -109,30 +131,42 @@ class ShardedModel:
     # ---- routing and sessions ----
 
     def route(self, refresh: bool = False) -> list[RouteHop]:
-        """The current chain of servers; looked up at most once per ``route_timeout_s`` unless refreshed."""
-        if refresh or self._route is None or time.monotonic() - self._route_time > self.route_timeout_s:
-            self._route = self.swarm.route(self.dtype, self.route_timeout_s)
-            self._route_time = time.monotonic()
-        return self._route
+        """The chain a new session would use now (each session picks its own, near-best at random)."""
+        if refresh:
+            self.swarm.refresh()
+        return self.planner.route(0, self.num_blocks)
 
     def _open_chain(self, batch_size: int, max_length: int) -> InferenceSession:
-        return InferenceSession(
-            self.transport, self.route(), self.model_id, batch_size, max_length, self.request_timeout_s
+        session = InferenceSession(
+            self.planner,
+            self.transport,
+            self.health,
+            self.model_id,
+            (0, self.num_blocks),
+            batch_size,
+            max_length,
+            self.client_config,
         )
+        self.last_route = session.route
+        return session
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[Conversation]:
-        """Keep the servers' KV caches across generate()/forward() calls inside the ``with`` block."""
-        if self._conversation is not None:
-            raise GenerationError("an inference session is already open on this model")
+        """Keep the servers' KV caches across generate()/forward() calls inside the ``with`` block.
+
+        The session belongs to the thread (or asyncio task) that opened it; calls from other threads
+        run in sessions of their own. ``session.route`` tells the servers it runs on.
+        """
+        if self._conversation.get() is not None:
+            raise GenerationError("an inference session is already open on this model in this thread")
         if max_length < 1:
             raise GenerationError("max_length must be at least 1")
         conversation = Conversation(self._open_chain, self.head, max_length, self.dtype)
-        self._conversation = conversation
+        token = self._conversation.set(conversation)
         try:
             yield conversation
         finally:
-            self._conversation = None
+            self._conversation.reset(token)
             conversation.close()
 
     # ---- forward ----
@@ -151,19 +185,24 @@ class ShardedModel:
         if unused:
             raise GenerationError(f"forward() got unsupported arguments: {', '.join(sorted(unused))}")
         input_ids = _as_ids(input_ids)
-        if self._conversation is not None:
-            self._conversation.check_room(input_ids.shape[0], input_ids.shape[1])
-            self._conversation.append(input_ids, attention_mask)
-            return CausalLMOutputWithPast(logits=self._conversation.flush(last_only=False))
+        conversation = self._conversation.get()
+        if conversation is not None:
+            conversation.check_room(input_ids.shape[0], input_ids.shape[1])
+            conversation.append(input_ids, attention_mask)
+            logits = conversation.flush(last_only=False)
+            self.last_route = conversation.route
+            return CausalLMOutputWithPast(logits=logits)
         hidden = self.head.embed(input_ids).to(self.dtype)  # [batch, seq, hidden]
-        hidden = forward_chain(
+        hidden, self.last_route = forward_through_swarm(
+            self.planner,
             self.transport,
-            self.route(),
+            self.health,
+            self.client_config,
             self.model_id,
+            self.num_blocks,
             hidden,
             attention_mask,
             position_ids,
-            self.request_timeout_s,
         )
         return CausalLMOutputWithPast(logits=self.head.logits(hidden))
 
@@ -188,22 +227,27 @@ class ShardedModel:
             raise GenerationError(
                 f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}"
             )
-        conversation = self._conversation
+        conversation = self._conversation.get()
         if conversation is not None:
             budget = generation.new_token_budget(config, conversation.ids.shape[1] + input_ids.shape[1])
             conversation.check_room(input_ids.shape[0], input_ids.shape[1] + budget)
-            return generation.generate(conversation, input_ids, attention_mask, config, streamer)
+            out = generation.generate(conversation, input_ids, attention_mask, config, streamer)
+            self.last_route = conversation.route
+            return out
         budget = generation.new_token_budget(config, input_ids.shape[1])
         with self.inference_session(max_length=input_ids.shape[1] + max(budget, 1)) as conversation:
-            return generation.generate(conversation, input_ids, attention_mask, config, streamer)
+            out = generation.generate(conversation, input_ids, attention_mask, config, streamer)
+            self.last_route = conversation.route
+            return out
 
     # ---- lifetime ----
 
     def close(self) -> None:
-        if self._conversation is not None:
-            self._conversation.close()
-        self.transport.close()
+        conversation = self._conversation.get()
+        if conversation is not None:
+            conversation.close()
         self.swarm.close()
+        self.transport.close()
 
     def __enter__(self) -> ShardedModel:
         return self

@@ -1,214 +1,231 @@
-"""Inference sessions: one stream per hop (SpanStream) and the chain over a route (InferenceSession)."""
+"""InferenceSession: a chain of SpanStreams over a route, which survives the servers it runs on.
+
+Every hop keeps the hidden states that entered it (``GrowingBuffer``, bounded by max_length), and the
+session keeps the positions and padding mask of every step. When a server fails a step (dies, times
+out, refuses, drains, reclaims the session), only that hop's blocks are routed again, possibly over
+several replacement servers with other boundaries; its inputs are replayed to rebuild their caches,
+with the failed step's inputs at the end, and the step goes on from the next hop. The replacement
+servers compute exactly what the failed one would have, so the tokens are the same as without the
+failure. Errors no retry can fix (a bad request, a model mismatch) are raised at once; the failovers
+of one step are bounded by ``max_retries``.
+"""
 
 from __future__ import annotations
 
 import logging
-import queue
-import time
 import uuid
 from dataclasses import dataclass
 
-import grpc
 import torch
 
-from shardnet.client.routing import RouteHop
+from shardnet.client.config import ClientConfig
+from shardnet.client.health import ServerHealth
+from shardnet.client.history import GrowingBuffer
+from shardnet.client.hop_stream import HopTiming, SpanStream
+from shardnet.client.planner import RoutePlanner, SessionNeeds
+from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
-from shardnet.errors import RemoteError, ShardnetError
-from shardnet.wire import pb
-from shardnet.wire.status import error_from_rpc
-from shardnet.wire.tensors import deserialize, serialize
+from shardnet.errors import GenerationError, SessionExpiredError, ShardnetError
 
 logger = logging.getLogger(__name__)
-_END = None  # put on a request queue to half-close its stream
 
 
 @dataclass
-class HopTiming:
-    """Where one step's time went on one hop, in seconds."""
-
-    total_s: float = 0.0  # client encode start -> reply decoded
-    server_compute_s: float = 0.0  # the server's own report of running its blocks
-    client_s: float = 0.0  # encoding the request and decoding the reply on the client
-    server_handle_s: float = 0.0  # the server's report: request decoded -> reply encoded, with compute
+class _Hop:
+    stream: SpanStream
+    inputs: GrowingBuffer  # [batch, positions, hidden] every hidden state this hop was given
 
     @property
-    def server_io_s(self) -> float:
-        """Server-side checks, decode and encode around the compute."""
-        return max(self.server_handle_s - self.server_compute_s, 0.0)
-
-    @property
-    def wire_s(self) -> float:
-        """The rest: gRPC on both sides (threads, HTTP/2, protobuf bytes) and the network."""
-        return max(self.total_s - self.server_handle_s - self.client_s, 0.0)
+    def hop(self) -> RouteHop:
+        return self.stream.hop
 
 
-def _optional_tensors(mask: torch.Tensor | None, positions: torch.Tensor | None, limit: int) -> dict:
-    fields = {}
-    if mask is not None:
-        fields["attention_mask"] = serialize(mask.to(torch.int64), limit)
-    if positions is not None:
-        fields["position_ids"] = serialize(positions.to(torch.int64), limit)
-    return fields
+class _Replay:
+    """Everything a replacement server must see: history plus the step being retried."""
 
-
-class SpanStream:
-    """One bidirectional stream to one server, holding that server's KV cache for blocks start:end."""
-
-    def __init__(
-        self,
-        transport: Transport,
-        hop: RouteHop,
-        model_id: str,
-        batch_size: int,
-        max_length: int,
-        session_id: str,
-        timeout_s: float,
-    ):
-        self.hop = hop
-        self.peer = f"{hop.server.short_id}@{hop.server.address}"
-        self.position = 0
-        self._limit = transport.max_message_bytes
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._step_id = 0
-        self._call = transport.stub(hop.server.address).Inference(
-            iter(self._requests.get, _END), timeout=timeout_s
-        )
-        span = pb.Span(start=hop.start, end=hop.end)
-        opened = self._exchange(
-            pb.InferenceRequest(
-                open=pb.OpenSession(
-                    model_id=model_id,
-                    span=span,
-                    max_length=max_length,
-                    batch_size=batch_size,
-                    session_id=session_id,
-                )
-            )
-        )
-        if opened.WhichOneof("kind") != "opened":
-            raise RemoteError(f"{self.peer}: expected SessionOpened, got {opened.WhichOneof('kind')}")
-
-    def _exchange(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
-        self._requests.put(request)
-        try:
-            return next(self._call)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.peer) from None
-        except StopIteration:
-            raise RemoteError(f"{self.peer}: stream ended without a reply") from None
-
-    def step(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, HopTiming]:
-        """Send the new positions' hidden states [batch, new, hidden]; returns (output, where time went)."""
-        began = time.perf_counter()
-        self._step_id += 1
-        step = pb.Step(
-            step_id=self._step_id,
-            position=self.position,
-            hidden_states=serialize(hidden, self._limit),
-            **_optional_tensors(mask, positions, self._limit),
-        )
-        request = pb.InferenceRequest(step=step)
-        sent = time.perf_counter()
-        reply = self._exchange(request)
-        received = time.perf_counter()
-        result = reply.step
-        if reply.WhichOneof("kind") != "step" or result.step_id != self._step_id:
-            raise RemoteError(f"{self.peer}: reply does not answer step {self._step_id}")
-        self.position += hidden.shape[1]
-        out = deserialize(result.hidden_states)
-        done = time.perf_counter()
-        timing = HopTiming(
-            total_s=done - began,
-            server_compute_s=result.compute_s,
-            client_s=(sent - began) + (done - received),
-            server_handle_s=max(result.handle_s, result.compute_s),  # an older server reports no handle_s
-        )
-        return out, timing
-
-    def close(self) -> None:
-        self._requests.put(_END)
-        self._call.cancel()
+    def __init__(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor):
+        self.hidden = hidden  # [batch, positions, hidden] inputs of the first replacement hop
+        self.mask = mask  # [batch, positions] or None when no padding was ever sent
+        self.positions = positions  # [batch, positions]
 
 
 class InferenceSession:
-    """A chain of SpanStreams over a route; every step goes through each hop in order."""
-
     def __init__(
         self,
+        planner: RoutePlanner,
         transport: Transport,
-        route: list[RouteHop],
+        health: ServerHealth,
         model_id: str,
+        blocks: tuple[int, int],
         batch_size: int,
         max_length: int,
-        timeout_s: float,
+        config: ClientConfig,
     ):
         self.session_id = uuid.uuid4().hex
+        self.model_id = model_id
+        self.blocks = blocks  # half-open span of blocks the session runs, (0, num_blocks) for a model
         self.batch_size = batch_size
         self.max_length = max_length
         self.position = 0
+        self.failovers = 0  # hops replaced so far
         self.last_timings: list[HopTiming] = []
-        self._streams: list[SpanStream] = []
-        try:
-            for hop in route:
-                self._streams.append(
-                    SpanStream(transport, hop, model_id, batch_size, max_length, self.session_id, timeout_s)
-                )
-        except ShardnetError:
-            self.close()
-            raise
+        self._planner = planner
+        self._transport = transport
+        self._health = health
+        self._config = config
+        self._needs = SessionNeeds(batch_size, max_length)
+        self._positions = GrowingBuffer(max_length)  # [batch, position] every position id sent
+        self._mask = GrowingBuffer(max_length)  # [batch, position] 0/1 padding of every position
+        self._masked = False  # whether a padding mask was ever sent (then replacements need it too)
+        self._failures = 0  # failovers during the current step (or the opening)
+        self._hops: list[_Hop] = []
+        self._hops, _ = self._open(*blocks, None)
         logger.info(
-            "session open session=%s hops=%d max_length=%d", self.session_id[:8], len(route), max_length
+            "session open session=%s route=%s max_length=%d batch=%d",
+            self.short_id,
+            describe(self.route),
+            max_length,
+            batch_size,
         )
 
-    def step(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Run [batch, new, hidden] through every hop; mask/positions cover the new positions only."""
-        timings = []
-        for stream in self._streams:
-            hidden, timing = stream.step(hidden, mask, positions)
+    @property
+    def short_id(self) -> str:
+        return self.session_id[:8]
+
+    @property
+    def route(self) -> list[RouteHop]:
+        """The servers this session runs on now (changes when it fails over)."""
+        return [hop.hop for hop in self._hops]
+
+    # ---- stepping ----
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Run [batch, new, hidden] through every hop; mask (or None) and positions cover the new positions."""
+        new = hidden.shape[1]
+        if self.position + new > self.max_length:
+            raise GenerationError(
+                f"the session holds at most {self.max_length} positions; {self.position} + {new} do not fit"
+            )
+        step_mask = torch.ones(hidden.shape[:2], dtype=torch.long) if mask is None else mask.to(torch.long)
+        masked = self._masked or mask is not None
+        timings: list[HopTiming] = []
+        self._failures, index = 0, 0
+        while index < len(self._hops):
+            hop = self._hops[index]
+            try:
+                out, timing = hop.stream.step(hidden, mask, positions)
+            except ShardnetError as error:
+                self._count_failure(hop.hop, error)
+                replay = _Replay(
+                    hop.inputs.with_tail(hidden),
+                    self._mask.with_tail(step_mask) if masked else None,
+                    self._positions.with_tail(positions),
+                )
+                hop.stream.close()
+                self._health.session_closed(hop.hop.peer_id)
+                replacements, out_all = self._open(hop.hop.start, hop.hop.end, replay)
+                self._hops[index : index + 1] = replacements
+                self.failovers += 1
+                logger.info(
+                    "session=%s failed over %d:%d to %s, replayed %d positions",
+                    self.short_id,
+                    hop.hop.start,
+                    hop.hop.end,
+                    describe([r.hop for r in replacements]),
+                    replay.hidden.shape[1],
+                )
+                timings.extend(HopTiming() for _ in replacements)
+                hidden = out_all[:, -new:]
+                index += len(replacements)
+                continue
+            hop.inputs.append(hidden)
             timings.append(timing)
-        self.position += hidden.shape[1]
+            hidden = out
+            index += 1
+        self._positions.append(positions.to(torch.long))
+        self._mask.append(step_mask)
+        self._masked = masked
+        self.position += new
         self.last_timings = timings
         return hidden
 
-    def close(self) -> None:
-        for stream in self._streams:
+    # ---- opening and failover ----
+
+    def _count_failure(self, hop: RouteHop, error: ShardnetError) -> None:
+        """Raise what no retry can fix, or what is left after max_retries; else avoid the server a while."""
+        if not error.retryable:
+            raise error
+        self._failures += 1
+        if self._failures > self._config.max_retries:
+            logger.warning(
+                "session=%s gives up after %d failovers: %s", self.short_id, self._config.max_retries, error
+            )
+            raise error
+        if not isinstance(error, SessionExpiredError):  # the server ended the session but is healthy
+            self._health.report_failure(hop.peer_id, str(error))
+        self._planner.view.request_refresh()
+
+    def _open(self, start: int, end: int, replay: _Replay | None) -> tuple[list[_Hop], torch.Tensor | None]:
+        """Open sessions covering blocks start:end, replaying into each; returns them and the last output."""
+        hops: list[_Hop] = []
+        block, hidden = start, None if replay is None else replay.hidden
+        try:
+            while block < end:
+                for route_hop in self._planner.route(block, end, self._needs):
+                    try:
+                        hop, hidden = self._open_hop(route_hop, hidden, replay)
+                    except ShardnetError as error:
+                        self._count_failure(route_hop, error)
+                        break  # route the rest again, without the server that just failed
+                    hops.append(hop)
+                    block = route_hop.end
+        except BaseException:
+            for hop in hops:
+                hop.stream.close()
+                self._health.session_closed(hop.hop.peer_id)
+            raise
+        return hops, hidden
+
+    def _open_hop(
+        self, route_hop: RouteHop, hidden: torch.Tensor | None, replay: _Replay | None
+    ) -> tuple[_Hop, torch.Tensor | None]:
+        """Open one server's session and replay ``hidden`` into it; returns it and the replay's output."""
+        config = self._config
+        stream = SpanStream(
+            self._transport,
+            route_hop,
+            self.model_id,
+            self.batch_size,
+            self.max_length,
+            self.session_id,
+            config.request_timeout_s,
+        )
+        self._health.session_opened(route_hop.peer_id)
+        inputs = GrowingBuffer(self.max_length)
+        out = None
+        try:
+            if replay is not None:
+                row_bytes = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
+                chunk = max(1, config.max_message_bytes // (2 * row_bytes))  # positions per message
+                out = stream.step_chunked(hidden, replay.mask, replay.positions, chunk)
+                inputs.append(hidden)
+        except BaseException:
             stream.close()
-        self._streams.clear()
+            self._health.session_closed(route_hop.peer_id)
+            raise
+        self._health.report_success(route_hop.peer_id)
+        return _Hop(stream, inputs), out
+
+    # ---- lifetime ----
+
+    def close(self) -> None:
+        for hop in self._hops:
+            hop.stream.close()
+            self._health.session_closed(hop.hop.peer_id)
+        self._hops.clear()
 
     def __enter__(self) -> InferenceSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def forward_chain(
-    transport: Transport,
-    route: list[RouteHop],
-    model_id: str,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    positions: torch.Tensor | None,
-    timeout_s: float,
-) -> torch.Tensor:
-    """Run full sequences through every hop with the unary Forward RPC (no cache)."""
-    limit = transport.max_message_bytes
-    extra = _optional_tensors(mask, positions, limit)
-    for hop in route:
-        peer = f"{hop.server.short_id}@{hop.server.address}"
-        request = pb.ForwardRequest(
-            model_id=model_id,
-            span=pb.Span(start=hop.start, end=hop.end),
-            hidden_states=serialize(hidden, limit),
-            **extra,
-        )
-        try:
-            reply = transport.stub(hop.server.address).Forward(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, peer) from None
-        hidden = deserialize(reply.hidden_states)
-    return hidden

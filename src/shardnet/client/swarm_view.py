@@ -1,30 +1,79 @@
-"""The client's view of the swarm: a client-mode DHT node, the model's identity, and look-ups."""
+"""The client's view of the swarm: a client-mode DHT node, the model's identity, and a snapshot of the
+announced servers that a background thread keeps fresh, so no look-up ever runs on the per-token path.
+
+Each refresh also pings (the cheap ``Info`` RPC) the online servers not measured recently: the round
+trip goes into ``ServerHealth`` for routing, and a server that announces itself but does not answer
+is avoided for a while.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import hivemind
-import torch
 
-from shardnet.client.routing import RouteHop, choose_route, missing_blocks
+from shardnet.client.health import ServerHealth
+from shardnet.client.transport import Transport
 from shardnet.dht import ServerState, ServerView, lookup, start_dht
-from shardnet.errors import RouteNotFoundError, format_blocks
 from shardnet.models import derive_model_id, load_config, validate_model_id
-from shardnet.wire import PROTOCOL_VERSION
+from shardnet.wire import pb
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SwarmSnapshot:
+    servers: tuple[ServerView, ...]  # one per peer id, whatever its state
+    taken_at: float  # time.monotonic() of the look-up
+
+
+def distinct_servers(per_block: list[list[ServerView]]) -> tuple[ServerView, ...]:
+    """One view per peer id (the freshest) from a per-block look-up."""
+    seen: dict[str, ServerView] = {}
+    for views in per_block:
+        for view in views:
+            known = seen.get(view.record.peer_id)
+            if known is None or view.expiration_time > known.expiration_time:
+                seen[view.record.peer_id] = view
+    return tuple(seen.values())
+
+
 class SwarmView:
-    def __init__(self, dht: hivemind.DHT, model_id: str, num_blocks: int, owns_dht: bool):
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        model_id: str,
+        num_blocks: int,
+        owns_dht: bool,
+        health: ServerHealth | None = None,
+        transport: Transport | None = None,
+        refresh_interval_s: float = 5.0,
+        ping_interval_s: float = 60.0,
+        ping_timeout_s: float = 2.0,
+    ):
         self.dht = dht
         self.model_id = model_id
         self.num_blocks = num_blocks
+        self.health = health or ServerHealth.shared()
+        self.transport = transport  # None: no pings (e.g. `shardnet status`)
+        self.refresh_interval_s = refresh_interval_s
+        self.ping_interval_s = ping_interval_s  # re-measure a server's RTT after this long
+        self.ping_timeout_s = ping_timeout_s
         self._owns_dht = owns_dht
+        self._snapshot: SwarmSnapshot | None = None
+        self._refresh_lock = threading.Lock()
+        self._pinged_at: dict[str, float] = {}
+        self._pings = ThreadPoolExecutor(8, thread_name_prefix="shardnet-ping") if transport else None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @classmethod
     def connect(
@@ -33,6 +82,7 @@ class SwarmView:
         initial_peers: Sequence[str],
         model_id: str | None = None,
         dht: hivemind.DHT | None = None,
+        **options,
     ) -> SwarmView:
         config = load_config(model_path)
         model_id = validate_model_id(model_id or derive_model_id(config))
@@ -40,62 +90,115 @@ class SwarmView:
         owns = dht is None
         if dht is None:
             dht = start_dht(initial_peers, client_mode=True, model_id=model_id, num_blocks=num_blocks)
-        return cls(dht, model_id, num_blocks, owns)
+        return cls(dht, model_id, num_blocks, owns, **options)
 
     def servers(self) -> list[list[ServerView]]:
-        """Per block, every valid, unexpired record."""
+        """Per block, every valid, unexpired record, looked up now."""
         return lookup(self.dht, self.model_id, self.num_blocks)
 
-    def route(
-        self, dtype: torch.dtype, timeout_s: float, exclude: frozenset[str] = frozenset()
-    ) -> list[RouteHop]:
-        """A chain covering every block; polls the DHT until ``timeout_s`` before giving up."""
-        dtype_name = str(dtype).removeprefix("torch.")
-        deadline = time.monotonic() + timeout_s
-        delay = 0.1
-        while True:
-            per_block = [
-                [v for v in views if _usable(v, dtype_name) and v.record.peer_id not in exclude]
-                for views in self.servers()
-            ]
-            route = choose_route(per_block)
-            if route is not None:
-                logger.info(
-                    "route model=%s %s",
-                    self.model_id,
-                    " -> ".join(f"{h.start}:{h.end}@{h.server.short_id}" for h in route),
-                )
-                return route
-            if time.monotonic() + delay > deadline:
-                raise RouteNotFoundError(self.model_id, missing_blocks(per_block))
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    # ---- the snapshot ----
+
+    def snapshot(self) -> SwarmSnapshot:
+        """The latest snapshot; the first call looks the swarm up (and starts the background refresh)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            snapshot = self.refresh()
+            self.start_background_refresh()
+        return snapshot
+
+    def refresh(self, max_age_s: float = 0.0) -> SwarmSnapshot:
+        """Look the swarm up now, unless a snapshot at most ``max_age_s`` old exists (or is being taken)."""
+        asked = time.monotonic()
+        with self._refresh_lock:
+            snapshot = self._snapshot
+            if snapshot is not None and snapshot.taken_at >= asked - max_age_s:
+                return snapshot  # another thread refreshed while we waited for the lock
+            taken_at = time.monotonic()
+            servers = distinct_servers(self.servers())
+            self._ping(servers)
+            self._snapshot = SwarmSnapshot(servers, taken_at)
+            return self._snapshot
+
+    def request_refresh(self) -> None:
+        """Ask the background thread for a refresh now, without waiting for it."""
+        self._wake.set()
+
+    def start_background_refresh(self) -> None:
+        if self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._refresh_forever, name="shardnet-swarm", daemon=True)
+            self._thread.start()
+
+    def _refresh_forever(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.refresh(max_age_s=self.refresh_interval_s / 2)
+            except Exception as exc:  # a DHT hiccup keeps the last snapshot; the next round retries
+                logger.warning("swarm refresh failed (keeping the last view): %s", exc)
+
+    # ---- round trips ----
+
+    def _ping(self, servers: Sequence[ServerView]) -> None:
+        """Measure the RTT of online servers not measured recently, in parallel, within the ping timeout."""
+        if self._pings is None:
+            return
+        now = time.monotonic()
+        due = [
+            view
+            for view in servers
+            if view.record.state == ServerState.ONLINE.value
+            and now - self._pinged_at.get(view.record.peer_id, -1e9) > self.ping_interval_s
+        ]
+        for view in due:
+            self._pinged_at[view.record.peer_id] = now
+        for future in [self._pings.submit(self._ping_one, view) for view in due]:
+            future.result()
+
+    def _ping_one(self, view: ServerView) -> None:
+        stub = self.transport.stub(view.address)
+        try:
+            stub.Info(pb.InfoRequest(), timeout=self.ping_timeout_s)  # the first call opens the connection
+            began = time.perf_counter()
+            stub.Info(pb.InfoRequest(), timeout=self.ping_timeout_s)
+            self.health.record_rtt(view.record.peer_id, time.perf_counter() - began)
+        except grpc.RpcError as exc:
+            self.health.report_failure(view.record.peer_id, f"does not answer pings ({exc.code().name})")
 
     def render(self) -> str:
         """A table of servers and the blocks nobody serves, for ``shardnet status``."""
-        seen: dict[str, ServerView] = {}
-        per_block = self.servers()
-        for views in per_block:
-            for view in views:
-                seen.setdefault(view.record.peer_id, view)
-        lines = [f"model {self.model_id}: {self.num_blocks} blocks, {len(seen)} servers"]
+        from shardnet.client.routing import missing_blocks
+        from shardnet.errors import format_blocks
+
+        servers = distinct_servers(self.servers())
+        lines = [f"model {self.model_id}: {self.num_blocks} blocks, {len(servers)} servers"]
         lines.append(
             f"{'peer':<14}{'address':<24}{'blocks':<10}{'state':<10}{'dtype':<10}{'steps/s':>9}{'cache free':>12}"
         )
-        for view in sorted(seen.values(), key=lambda v: (v.record.start, v.record.end)):
+        for view in sorted(servers, key=lambda v: (v.record.start, v.record.end)):
             r = view.record
             lines.append(
                 f"{view.short_id:<14}{view.address:<24}{f'{r.start}:{r.end}':<10}{r.state:<10}{r.dtype:<10}"
                 f"{r.throughput:>9.1f}{r.cache_tokens_free:>12}"
             )
-        online = [[v for v in views if v.record.state == ServerState.ONLINE.value] for views in per_block]
-        missing = missing_blocks(online)
+        online = [v for v in servers if v.record.state == ServerState.ONLINE.value]
+        missing = missing_blocks(online, 0, self.num_blocks)
         lines.append(
             f"blocks with no online server: {format_blocks(missing)}" if missing else "all blocks covered"
         )
         return "\n".join(lines)
 
+    # ---- lifetime ----
+
     def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._pings is not None:
+            self._pings.shutdown(wait=False, cancel_futures=True)
         if self._owns_dht:
             self.dht.shutdown()
 
@@ -104,8 +207,3 @@ class SwarmView:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _usable(view: ServerView, dtype_name: str) -> bool:
-    r = view.record
-    return r.state == ServerState.ONLINE.value and r.protocol == PROTOCOL_VERSION and r.dtype == dtype_name

@@ -13,8 +13,8 @@ _ERROR_FOR_STATUS: dict[grpc.StatusCode, type[errors.ShardnetError]] = {
     grpc.StatusCode.NOT_FOUND: errors.SessionError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.CacheFullError,
     grpc.StatusCode.UNAVAILABLE: errors.ServerUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.ServerUnavailableError,
-    grpc.StatusCode.CANCELLED: errors.ServerUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.StepTimeoutError,
+    grpc.StatusCode.CANCELLED: errors.SessionExpiredError,
 }
 _MISMATCH_PREFIX = "model mismatch: "
 

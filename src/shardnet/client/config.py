@@ -1,0 +1,50 @@
+"""ClientConfig: every knob of ``ShardedModel.from_pretrained`` that is not the model itself."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from shardnet.errors import ConfigError
+
+WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    dtype: torch.dtype = torch.float32  # dtype of the local parts and of the activations sent
+    route_timeout_s: float = 30.0  # how long to wait for usable servers covering the blocks needed
+    request_timeout_s: float = 120.0  # a server that does not answer one step or forward in time has failed
+    max_retries: int = 3  # failovers allowed for one step (or one forward) before its error is raised
+    refresh_interval_s: float = 5.0  # how often the swarm view is refreshed in the background
+    max_message_bytes: int = 256 * 1024 * 1024  # largest gRPC message sent or received, bytes
+    allowed_servers: frozenset[str] | None = None  # if set, only these peer ids are routed to
+    blocked_servers: frozenset[str] = frozenset()  # peer ids never routed to
+
+    def __post_init__(self) -> None:
+        if self.dtype not in WIRE_DTYPES:
+            raise ConfigError(
+                f"dtype {self.dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16"
+            )
+        for name in ("route_timeout_s", "request_timeout_s", "refresh_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be 0 or more, got {self.max_retries!r}")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be at least 1024, got {self.max_message_bytes!r}")
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def peer_set(peers: Iterable[str] | str | None, name: str) -> frozenset[str] | None:
+    """allowed_servers / blocked_servers as given by a user: an iterable of peer ids, not one string."""
+    if peers is None:
+        return None
+    if isinstance(peers, str):
+        raise ConfigError(f"{name} takes a list of peer ids, not one string: [{peers!r}]")
+    return frozenset(str(peer) for peer in peers)

@@ -1,0 +1,81 @@
+"""A stateless forward through the swarm (the unary Forward RPC, no cache), re-routed around failures.
+
+Nothing is kept on the servers, so a failed hop is simply run again elsewhere: the blocks from the
+failed hop to the end are routed again and the hidden states that entered it are sent there.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import torch
+
+from shardnet.client.config import ClientConfig
+from shardnet.client.health import ServerHealth
+from shardnet.client.hop_stream import optional_tensors
+from shardnet.client.planner import RoutePlanner
+from shardnet.client.routing import RouteHop, describe
+from shardnet.client.transport import Transport
+from shardnet.errors import SessionExpiredError, ShardnetError
+from shardnet.wire import pb
+from shardnet.wire.status import error_from_rpc
+from shardnet.wire.tensors import deserialize, serialize
+
+logger = logging.getLogger(__name__)
+
+
+def _forward_hop(
+    transport: Transport,
+    hop: RouteHop,
+    model_id: str,
+    hidden: torch.Tensor,
+    extra: dict,
+    timeout_s: float,
+) -> torch.Tensor:
+    request = pb.ForwardRequest(
+        model_id=model_id,
+        span=pb.Span(start=hop.start, end=hop.end),
+        hidden_states=serialize(hidden, transport.max_message_bytes),
+        **extra,
+    )
+    try:
+        reply = transport.stub(hop.server.address).Forward(request, timeout=timeout_s)
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc, f"{hop.server.short_id}@{hop.server.address}") from None
+    return deserialize(reply.hidden_states)
+
+
+def forward_through_swarm(
+    planner: RoutePlanner,
+    transport: Transport,
+    health: ServerHealth,
+    config: ClientConfig,
+    model_id: str,
+    num_blocks: int,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[RouteHop]]:
+    """Run full sequences [batch, seq, hidden] through every block; returns the output and the hops used."""
+    extra = optional_tensors(mask, positions, transport.max_message_bytes)
+    route = planner.route(0, num_blocks)
+    used: list[RouteHop] = []
+    failures, index = 0, 0
+    while index < len(route):
+        hop = route[index]
+        try:
+            hidden = _forward_hop(transport, hop, model_id, hidden, extra, config.request_timeout_s)
+        except ShardnetError as error:
+            failures += 1
+            if not error.retryable or failures > config.max_retries:
+                raise
+            if not isinstance(error, SessionExpiredError):
+                health.report_failure(hop.peer_id, str(error))
+            route = planner.route(hop.start, num_blocks)
+            logger.info("forward: %s failed (%s); rerouted to %s", hop, error, describe(route))
+            index = 0
+            continue
+        used.append(hop)
+        index += 1
+    return hidden, used

@@ -1,0 +1,110 @@
+"""What this client process has observed of each server: failures and bans, round-trip time, own sessions.
+
+One ``ServerHealth`` is shared by every ``ShardedModel`` of a process (``ServerHealth.shared()``), so a
+server that failed for one model is avoided by the others, and sessions opened by several models (or
+threads) count towards the same servers' load. Keys are peer ids (base58).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _PeerHealth:
+    failures: int = 0  # consecutive failures, reset by a successful open
+    banned_until: float = 0.0  # time.monotonic() before which the peer is not routed to
+    rtt_s: float | None = None  # smoothed round-trip time of a cheap call, seconds
+    open_sessions: int = 0  # sessions this process holds on the peer now
+
+
+class ServerHealth:
+    """Thread-safe failure bans with exponential backoff, measured RTTs and this process's open sessions."""
+
+    _shared: ServerHealth | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self, ban_base_s: float = 1.0, ban_max_s: float = 60.0, rtt_smoothing: float = 0.3):
+        self.ban_base_s = ban_base_s  # first ban after a failure; doubles with each further failure
+        self.ban_max_s = ban_max_s  # longest ban
+        self.rtt_smoothing = rtt_smoothing  # weight of a new RTT sample in the moving average
+        self._peers: dict[str, _PeerHealth] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> ServerHealth:
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def _peer(self, peer_id: str) -> _PeerHealth:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            peer = self._peers[peer_id] = _PeerHealth()
+        return peer
+
+    # ---- failures and bans ----
+
+    def report_failure(self, peer_id: str, reason: str) -> float:
+        """Ban the peer for a backoff that doubles with each consecutive failure; returns the ban in s."""
+        with self._lock:
+            peer = self._peer(peer_id)
+            peer.failures += 1
+            ban_s = min(self.ban_base_s * 2 ** (peer.failures - 1), self.ban_max_s)
+            peer.banned_until = time.monotonic() + ban_s
+        logger.info("avoiding peer=..%s for %.1fs: %s", peer_id[-4:], ban_s, reason)
+        return ban_s
+
+    def report_success(self, peer_id: str) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is not None and peer.failures:
+            with self._lock:
+                peer.failures = 0
+                peer.banned_until = 0.0
+
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        with self._lock:
+            return frozenset(pid for pid, peer in self._peers.items() if peer.banned_until > now)
+
+    def next_unban_s(self) -> float | None:
+        """Seconds until the earliest current ban ends, or None if nobody is banned."""
+        now = time.monotonic()
+        with self._lock:
+            waits = [peer.banned_until - now for peer in self._peers.values() if peer.banned_until > now]
+        return min(waits) if waits else None
+
+    # ---- round-trip time ----
+
+    def record_rtt(self, peer_id: str, rtt_s: float) -> None:
+        with self._lock:
+            peer = self._peer(peer_id)
+            if peer.rtt_s is None:
+                peer.rtt_s = rtt_s
+            else:
+                peer.rtt_s += self.rtt_smoothing * (rtt_s - peer.rtt_s)
+
+    def rtts(self) -> dict[str, float]:
+        with self._lock:
+            return {pid: peer.rtt_s for pid, peer in self._peers.items() if peer.rtt_s is not None}
+
+    # ---- this process's sessions ----
+
+    def session_opened(self, peer_id: str) -> None:
+        with self._lock:
+            self._peer(peer_id).open_sessions += 1
+
+    def session_closed(self, peer_id: str) -> None:
+        with self._lock:
+            peer = self._peer(peer_id)
+            peer.open_sessions = max(peer.open_sessions - 1, 0)
+
+    def open_sessions(self) -> dict[str, int]:
+        with self._lock:
+            return {pid: peer.open_sessions for pid, peer in self._peers.items() if peer.open_sessions}

@@ -1,0 +1,121 @@
+"""RoutePlanner: which announced servers a client may use, and the cheapest chain over some blocks.
+
+It filters the swarm view's snapshot (online, same protocol and dtype, allowed and not blocked by the
+user, not banned after failures, room for the session's batch, length and cache), prices each server
+(``routing.hop_costs``) and searches (``routing.cheapest_route``). When no chain exists it refreshes
+the view and waits, up to the route timeout, before raising a ``RouteNotFoundError`` that names the
+blocks nobody usable holds and why the servers that hold them were passed over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from shardnet.client.config import ClientConfig
+from shardnet.client.health import ServerHealth
+from shardnet.client.routing import CostModel, RouteHop, cheapest_route, hop_costs, missing_blocks
+from shardnet.client.swarm_view import SwarmView
+from shardnet.dht import ServerState, ServerView
+from shardnet.errors import RouteNotFoundError
+from shardnet.wire import PROTOCOL_VERSION
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionNeeds:
+    """What a route's servers must have room for; max_length 0 = a stateless forward (no cache)."""
+
+    batch_size: int = 1
+    max_length: int = 0
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+class RoutePlanner:
+    def __init__(
+        self,
+        view: SwarmView,
+        health: ServerHealth,
+        config: ClientConfig,
+        cost_model: CostModel | None = None,
+    ):
+        self.view = view
+        self.health = health
+        self.config = config
+        self.cost_model = cost_model or CostModel()
+
+    def _unusable_reason(self, view: ServerView, needs: SessionNeeds, banned: frozenset[str]) -> str | None:
+        """Why a server cannot take this route's work, or None if it can."""
+        record, config = view.record, self.config
+        if record.state != ServerState.ONLINE.value:
+            return record.state
+        if record.protocol != PROTOCOL_VERSION:
+            return f"protocol {record.protocol}"
+        if record.dtype != config.dtype_name:
+            return f"dtype {record.dtype}"
+        if config.allowed_servers is not None and record.peer_id not in config.allowed_servers:
+            return "not in allowed_servers"
+        if record.peer_id in config.blocked_servers:
+            return "in blocked_servers"
+        if record.peer_id in banned:
+            return "failed recently"
+        if needs.max_length:
+            if record.max_length and record.max_length < needs.max_length:
+                return f"max_length {record.max_length}"
+            if record.max_batch_size and record.max_batch_size < needs.batch_size:
+                return f"max_batch_size {record.max_batch_size}"
+            if record.cache_tokens_free < needs.cache_tokens:
+                return "not enough free cache"
+        return None
+
+    def try_route(self, start: int, end: int, needs: SessionNeeds) -> list[RouteHop] | None:
+        """The cheapest route over the current snapshot, or None if some block has no usable server."""
+        banned = self.health.banned()
+        usable = [
+            view
+            for view in self.view.snapshot().servers
+            if self._unusable_reason(view, needs, banned) is None
+        ]
+        costs = hop_costs(usable, self.health.rtts(), self.health.open_sessions(), self.cost_model)
+        return cheapest_route(usable, costs, start, end)
+
+    def route(self, start: int, end: int, needs: SessionNeeds = SessionNeeds()) -> list[RouteHop]:
+        """A route over blocks ``start:end``; waits (refreshing the view) up to the route timeout."""
+        deadline = time.monotonic() + self.config.route_timeout_s
+        delay = 0.1
+        while True:
+            route = self.try_route(start, end, needs)
+            if route is not None:
+                return route
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._not_found(start, end, needs)
+            unban = self.health.next_unban_s()
+            wait = min(delay, deadline - now, unban + 0.01 if unban is not None else delay)
+            time.sleep(max(wait, 0.01))
+            delay = min(delay * 2, 2.0)
+            self.view.refresh(max_age_s=delay / 2)
+
+    def _not_found(self, start: int, end: int, needs: SessionNeeds) -> RouteNotFoundError:
+        banned = self.health.banned()
+        servers = self.view.snapshot().servers
+        usable = [v for v in servers if self._unusable_reason(v, needs, banned) is None]
+        missing = missing_blocks(usable, start, end)
+        reasons = Counter(
+            reason
+            for view in servers
+            if any(view.record.start <= block < view.record.end for block in missing)
+            and (reason := self._unusable_reason(view, needs, banned)) is not None
+        )
+        why = ", ".join(f"{count} server(s) {reason}" for reason, count in reasons.most_common())
+        return RouteNotFoundError(
+            self.view.model_id,
+            missing,
+            f"after {self.config.route_timeout_s:g}s; holders passed over: {why}" if why else "",
+        )
