@@ -96,3 +96,38 @@ def swarm(request, tmp_path_factory):
     local.start(timeout_s=180)
     yield local
     local.stop()
+
+
+def serving_process(swarm: LocalSwarm, port: int):
+    """The `shardnet serve` child of ``swarm`` that listens on gRPC ``port``."""
+    import psutil
+
+    for process in swarm.servers:
+        if process.poll() is not None:
+            continue
+        listening = {
+            c.laddr.port for c in psutil.Process(process.pid).net_connections("tcp") if c.status == "LISTEN"
+        }
+        if port in listening:
+            return process
+    raise LookupError(f"no running server of this swarm listens on port {port}")
+
+
+class OnToken:
+    """A streamer that calls ``action`` once, right after the ``n``-th new token (any batch size)."""
+
+    def __init__(self, n: int, action):
+        self.n, self.action = n, action
+        self.tokens = 0
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        self.tokens += 1
+        if self.tokens == self.n:
+            self.action()
+
+    def end(self) -> None:
+        pass

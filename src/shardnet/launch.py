@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 from shardnet.dht import ServerState, lookup, start_dht
 from shardnet.errors import ShardnetError
 from shardnet.models import derive_model_id, load_config
@@ -58,6 +60,7 @@ class LocalSwarm:
         self.dht_process: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
         self._logs: list = []
+        self._probe = None  # a client-mode DHT node of our own, for wait_ready
 
     def _spawn(self, args: list[str], name: str, stdout=None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
@@ -85,6 +88,9 @@ class LocalSwarm:
         if not first.startswith("/"):
             raise SwarmStartError(f"shardnet dht printed {first!r} instead of a multiaddr")
         self.initial_peers = [first.strip()]
+        # Started now, while this process has no gRPC calls in flight: hivemind forks its node, and a fork
+        # taken while gRPC threads are busy (e.g. in a test that adds servers mid-generation) can hang it.
+        self._probe = start_dht(self.initial_peers, client_mode=True)
         return self.initial_peers
 
     def start_server(self, start: int, end: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
@@ -118,32 +124,34 @@ class LocalSwarm:
             raise
         return self
 
-    def online_servers(self, dht) -> set[str]:
-        """Peer ids of ONLINE servers, from a DHT look-up."""
-        peers = set()
-        for views in lookup(dht, self.model_id, self.num_blocks):
-            peers |= {v.record.peer_id for v in views if v.record.state == ServerState.ONLINE.value}
-        return peers
+    def online_ports(self) -> set[int]:
+        """gRPC ports of the servers the DHT shows ONLINE (a killed server's record lingers until it expires)."""
+        ports = set()
+        for views in lookup(self._probe, self.model_id, self.num_blocks):
+            ports |= {v.record.port for v in views if v.record.state == ServerState.ONLINE.value}
+        return ports
 
-    def wait_ready(self, timeout_s: float = 120.0, expected: int | None = None) -> None:
-        """Poll the DHT until every started server is ONLINE (or one exits, or time runs out)."""
-        expected = len(self.servers) if expected is None else expected
-        dht = start_dht(self.initial_peers, client_mode=True)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                for process in self.servers:
-                    if process.poll() is not None:
-                        raise SwarmStartError(f"server {process.args[4:8]} exited with {process.returncode}")
-                if len(self.online_servers(dht)) >= expected:
-                    return
-                if time.monotonic() > deadline:
-                    raise SwarmStartError(
-                        f"only {len(self.online_servers(dht))} of {expected} servers online after {timeout_s}s"
-                    )
-                time.sleep(0.2)
-        finally:
-            dht.shutdown()
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Poll the DHT until every running server is ONLINE (or one fails, or time runs out)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = []
+            for process in self.servers:
+                if process.poll() is None:
+                    running.append(process)
+                elif process.returncode != -signal.SIGKILL:  # killed on purpose by a test: not a failure
+                    raise SwarmStartError(f"server {process.args[4:8]} exited with {process.returncode}")
+            online, waiting = self.online_ports(), []
+            for process in running:
+                ports = _listening_ports(process.pid)
+                if not ports & online:
+                    waiting.append(process)
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                spans = [process.args[7] for process in waiting]
+                raise SwarmStartError(f"servers {spans} not online after {timeout_s}s")
+            time.sleep(0.2)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM servers, then the DHT (reverse order of start); kill whatever is still alive."""
@@ -158,6 +166,9 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if self._probe is not None:
+            self._probe.shutdown()
+            self._probe = None
         for log in self._logs:
             log.close()
         self.servers.clear()
@@ -168,6 +179,13 @@ class LocalSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _listening_ports(pid: int) -> set[int]:
+    try:
+        return {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"}
+    except psutil.Error:
+        return set()
 
 
 def _read_line(process: subprocess.Popen, timeout_s: float) -> str:

@@ -35,6 +35,8 @@ class ServerHealth:
         self.rtt_smoothing = rtt_smoothing  # weight of a new RTT sample in the moving average
         self._peers: dict[str, _PeerHealth] = {}
         self._lock = threading.Lock()
+        # Held while a route is chosen and its sessions counted, so concurrent choices see each other.
+        self.routing_lock = threading.Lock()
 
     @classmethod
     def shared(cls) -> ServerHealth:

@@ -85,12 +85,23 @@ class RoutePlanner:
         costs = hop_costs(usable, self.health.rtts(), self.health.open_sessions(), self.cost_model)
         return cheapest_route(usable, costs, start, end)
 
-    def route(self, start: int, end: int, needs: SessionNeeds = SessionNeeds()) -> list[RouteHop]:
-        """A route over blocks ``start:end``; waits (refreshing the view) up to the route timeout."""
+    def route(
+        self, start: int, end: int, needs: SessionNeeds = SessionNeeds(), reserve: bool = False
+    ) -> list[RouteHop]:
+        """A route over blocks ``start:end``; waits (refreshing the view) up to the route timeout.
+
+        ``reserve``: count a session on each hop's server at once (``ServerHealth.session_opened``), so
+        that routes chosen at the same moment by other threads spread over replicas; the caller calls
+        ``session_closed`` for each hop when its session ends or fails to open.
+        """
         deadline = time.monotonic() + self.config.route_timeout_s
         delay = 0.1
         while True:
-            route = self.try_route(start, end, needs)
+            with self.health.routing_lock:
+                route = self.try_route(start, end, needs)
+                if route is not None and reserve:
+                    for hop in route:
+                        self.health.session_opened(hop.peer_id)
             if route is not None:
                 return route
             now = time.monotonic()

@@ -168,18 +168,27 @@ class InferenceSession:
     def _open(self, start: int, end: int, replay: _Replay | None) -> tuple[list[_Hop], torch.Tensor | None]:
         """Open sessions covering blocks start:end, replaying into each; returns them and the last output."""
         hops: list[_Hop] = []
+        reserved: list[RouteHop] = []  # hops counted as this process's sessions but not opened yet
         block, hidden = start, None if replay is None else replay.hidden
         try:
             while block < end:
-                for route_hop in self._planner.route(block, end, self._needs):
+                reserved = self._planner.route(block, end, self._needs, reserve=True)
+                while reserved:
+                    route_hop = reserved[0]
                     try:
                         hop, hidden = self._open_hop(route_hop, hidden, replay)
                     except ShardnetError as error:
                         self._count_failure(route_hop, error)
                         break  # route the rest again, without the server that just failed
+                    reserved.pop(0)
                     hops.append(hop)
                     block = route_hop.end
+                for route_hop in reserved:
+                    self._health.session_closed(route_hop.peer_id)
+                reserved = []
         except BaseException:
+            for route_hop in reserved:
+                self._health.session_closed(route_hop.peer_id)
             for hop in hops:
                 hop.stream.close()
                 self._health.session_closed(hop.hop.peer_id)
@@ -200,7 +209,6 @@ class InferenceSession:
             self.session_id,
             config.request_timeout_s,
         )
-        self._health.session_opened(route_hop.peer_id)
         inputs = GrowingBuffer(self.max_length)
         out = None
         try:
@@ -211,7 +219,6 @@ class InferenceSession:
                 inputs.append(hidden)
         except BaseException:
             stream.close()
-            self._health.session_closed(route_hop.peer_id)
             raise
         self._health.report_success(route_hop.peer_id)
         return _Hop(stream, inputs), out

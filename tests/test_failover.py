@@ -1,0 +1,158 @@
+"""Exact failover on real processes: servers killed with -9, frozen, or gone, mid-generation.
+
+Each test starts its own swarm (servers die in it). The reference is local transformers' greedy
+generate on the same input: a generation that failed over must give exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from shardnet import ShardedModel
+from shardnet.errors import InvalidRequestError, RouteNotFoundError
+from shardnet.launch import LocalSwarm
+
+from .conftest import OnToken, reference, serving_process
+
+NEW_TOKENS = 20
+KILL_AFTER = 5
+
+
+@pytest.fixture(scope="module")
+def local(llama_untied):
+    return reference(llama_untied)
+
+
+@pytest.fixture
+def swarm(llama_untied, tmp_path):
+    local_swarm = LocalSwarm(llama_untied, [(0, 3), (3, 6)], log_dir=tmp_path, torch_threads=1)
+    local_swarm.start(timeout_s=180)
+    yield local_swarm
+    local_swarm.stop()
+
+
+def _prompt(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ids = torch.randint(3, 256, (batch, 9), generator=torch.Generator().manual_seed(seed))
+    if batch == 1:
+        return ids, None
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 0, 0  # row 0 is left-padded by 4
+    return ids, mask
+
+
+def _replace_then_kill(swarm: LocalSwarm, replacements: list[tuple[int, int]], victim):
+    """Start replacement servers, wait until they are online, then SIGKILL ``victim`` (no goodbye)."""
+
+    def action() -> None:
+        for start, end in replacements:
+            swarm.start_server(start, end)
+        swarm.wait_ready(timeout_s=120)
+        victim.kill()
+        victim.wait(timeout=30)
+
+    return action
+
+
+@pytest.mark.parametrize("batch", [1, 2], ids=["batch1", "batch2_left_padded"])
+def test_kill_9_after_5th_token_fails_over_to_a_wider_server(swarm, local, batch):
+    ids, mask = _prompt(batch)
+    want = local.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    victim = swarm.servers[0]  # blocks 0:3
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
+        streamer = OnToken(KILL_AFTER, _replace_then_kill(swarm, [(0, 6)], victim))
+        got = model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer
+        )
+        route = model.last_route
+    assert victim.poll() is not None and streamer.tokens == NEW_TOKENS
+    assert got.tolist() == want.tolist()
+    # Only the dead hop was re-routed: blocks 0:3 now run on part of the 0:6 server.
+    assert [(hop.start, hop.end) for hop in route] == [(0, 3), (3, 6)]
+    assert (route[0].server.record.start, route[0].server.record.end) == (0, 6)
+
+
+def test_failover_over_two_replacements_with_other_boundaries(swarm, local):
+    ids, _ = _prompt(1, seed=1)
+    want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    victim = swarm.servers[0]
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
+        streamer = OnToken(KILL_AFTER, _replace_then_kill(swarm, [(0, 2), (2, 5)], victim))
+        got = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
+        route = model.last_route
+    assert got.tolist() == want.tolist()
+    assert [(hop.start, hop.end) for hop in route] == [(0, 2), (2, 3), (3, 6)]
+    assert [(hop.server.record.start, hop.server.record.end) for hop in route] == [(0, 2), (2, 5), (3, 6)]
+
+
+def test_failover_inside_a_multi_call_inference_session(swarm, local):
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, 256, (1, 6), generator=generator)
+    more = torch.randint(3, 256, (1, 4), generator=generator)
+    victim = swarm.servers[1]  # blocks 3:6, killed during the second call
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
+        with model.inference_session(max_length=64) as session:
+            first = model.generate(prompt, max_new_tokens=8)
+            streamer = OnToken(KILL_AFTER, _replace_then_kill(swarm, [(2, 6)], victim))
+            second = model.generate(more, max_new_tokens=8, streamer=streamer)
+            assert session.chain.failovers == 1
+            assert [(hop.start, hop.end) for hop in session.route] == [(0, 3), (3, 6)]
+    assert first.tolist() == local.generate(prompt, max_new_tokens=8, do_sample=False).tolist()
+    concatenated = torch.cat([first, more], dim=1)
+    want = local.generate(concatenated, max_new_tokens=8, do_sample=False)
+    assert second[:, 4:].tolist() == want[:, concatenated.shape[1] :].tolist()
+
+
+def test_server_that_stops_answering_is_timed_out_and_replaced(swarm, local):
+    ids, _ = _prompt(1, seed=3)
+    want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    swarm.start_server(3, 6)  # a replica of 3:6
+    swarm.wait_ready(timeout_s=120)
+    frozen = []
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=3) as model:
+        with model.inference_session(max_length=64) as session:
+
+            def freeze_second_hop() -> None:
+                process = serving_process(swarm, session.route[1].server.record.port)
+                process.send_signal(signal.SIGSTOP)  # alive, connected, silent
+                frozen.append((process, session.route[1].peer_id))
+
+            try:
+                got = model.generate(
+                    ids, max_new_tokens=NEW_TOKENS, streamer=OnToken(KILL_AFTER, freeze_second_hop)
+                )
+            finally:
+                for process, _ in frozen:
+                    process.send_signal(signal.SIGCONT)
+            [(_, frozen_peer)] = frozen
+            assert session.route[1].peer_id != frozen_peer and session.chain.failovers == 1
+    assert got.tolist() == want.tolist()
+
+
+def test_no_holder_left_raises_a_route_error_naming_the_blocks(swarm):
+    ids, _ = _prompt(1, seed=4)
+    victim = swarm.servers[1]
+
+    def kill() -> None:
+        victim.kill()
+        victim.wait(timeout=30)
+
+    with ShardedModel.from_pretrained(
+        swarm.model_path, swarm.initial_peers, route_timeout_s=2, max_retries=2
+    ) as model:
+        with pytest.raises(RouteNotFoundError, match="3:6"):
+            model.generate(ids, max_new_tokens=NEW_TOKENS, streamer=OnToken(2, kill))
+
+
+def test_a_bad_request_is_raised_at_once_without_failover(swarm):
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers) as model:
+        session = model._open_chain(batch_size=1, max_length=8)
+        try:
+            with pytest.raises(InvalidRequestError, match="hidden_states shape"):
+                session.step(torch.randn(1, 1, 65), None, torch.tensor([[0]]))  # hidden size is 64
+            assert session.failovers == 0
+            assert not model.health.banned() & {hop.peer_id for hop in session.route}
+        finally:
+            session.close()
