@@ -21,7 +21,7 @@ from shardnet.dht.tether import TetheredDHT
 from shardnet.errors import ConfigError, DHTStartError
 
 logger = logging.getLogger(__name__)
-ANNOUNCE_TIMEOUT_S = 10.0  # a store that takes longer went nowhere (e.g. p2pd was killed); the next one retries
+ANNOUNCE_TIMEOUT_S = 10.0  # a store taking longer went nowhere (p2pd killed?); the next one retries
 _LIVENESS_CHECK_S = 0.5  # while waiting for the DHT process, check this often that it is still alive
 
 
@@ -78,7 +78,9 @@ def announce(
 ) -> bool:
     """Store ``record`` under every block key of its span; True if every store succeeded in timeout_s."""
     if not dht.is_alive():
-        logger.warning("DHT announce of blocks %d:%d skipped: the DHT process is gone", record.start, record.end)
+        logger.warning(
+            "DHT announce of blocks %d:%d skipped: the DHT process is gone", record.start, record.end
+        )
         return False
     keys = [block_key(model_id, block) for block in range(record.start, record.end)]
     subkey = owned_subkey(dht)
