@@ -272,3 +272,44 @@ def test_drain_keeps_open_sessions_refuses_new_ones_then_ends_them(swarm, observ
         assert process.wait(timeout=drain_s + EXIT_SLACK_S) == 0
         assert _wait_gone(tree) == []
         assert _state_of(observer, swarm, view.record.peer_id) == ServerState.OFFLINE.value
+
+
+def _unit_settings(path) -> list[tuple[str, str, bool]]:
+    """(key, value, commented) for each setting of a systemd unit; continuation lines joined."""
+    settings, commented, pending = [], False, ""
+    for line in path.read_text().splitlines():
+        if pending:
+            pending += " " + line.strip()
+        elif line.startswith("#"):
+            commented = True
+            continue
+        elif "=" in line:
+            pending = line
+        else:
+            commented = False
+            continue
+        if pending.endswith("\\"):
+            pending = pending[:-1]
+            continue
+        key, value = pending.split("=", 1)
+        settings.append((key, value.strip(), commented))
+        commented, pending = False, ""
+    return settings
+
+
+def test_systemd_unit_drains_within_its_stop_timeout():
+    """servers/shardnet.service: every setting commented, ExecStart valid for our CLI, time to drain."""
+    import shlex
+    from pathlib import Path
+
+    from shardnet.cli import build_parser
+
+    unit = _unit_settings(Path(__file__).parents[1] / "servers" / "shardnet.service")
+    assert [key for key, _, commented in unit if not commented] == []
+    settings = dict((key, value) for key, value, _ in unit)
+    args = build_parser().parse_args(shlex.split(settings["ExecStart"])[1:])
+    assert args.command == "serve"
+    assert float(settings["TimeoutStopSec"]) >= args.drain_timeout + EXIT_SLACK_S
+    assert settings["KillMode"] == "control-group" and settings["KillSignal"] == "SIGTERM"
+    assert settings["Restart"] == "on-failure"
+    assert "$MAINPID" in settings["ExecStop"]  # the server is signalled alone, then awaited
