@@ -1,8 +1,13 @@
-"""Start a hivemind DHT node with shardnet's validators; announce a span; look up every block."""
+"""Start a hivemind DHT node with shardnet's validators; announce a span; look up every block.
+
+Every node is a ``TetheredDHT`` (see ``dht/tether.py``): its process and p2pd never outlive the
+process that started it, and signals to that process's group do not reach them.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from functools import partial
@@ -12,9 +17,12 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from shardnet.dht.records import ServerRecord, ServerView, block_key, parse_record, schema_validator
+from shardnet.dht.tether import TetheredDHT
 from shardnet.errors import ConfigError, DHTStartError
 
 logger = logging.getLogger(__name__)
+ANNOUNCE_TIMEOUT_S = 10.0  # a store taking longer went nowhere (p2pd killed?); the next one retries
+_LIVENESS_CHECK_S = 0.5  # while waiting for the DHT process, check this often that it is still alive
 
 
 def start_dht(
@@ -34,7 +42,7 @@ def start_dht(
     validators: list = [RSASignatureValidator()]
     if model_id is not None and num_blocks is not None:
         validators.append(schema_validator(model_id, num_blocks))
-    dht = hivemind.DHT(
+    dht = TetheredDHT(
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         client_mode=client_mode,
@@ -44,10 +52,10 @@ def start_dht(
     try:
         dht.run_in_background(await_ready=True, timeout=timeout_s)
     except FutureTimeoutError:  # the node's process died or hangs: without a timeout we would wait forever
-        dht.terminate()
+        dht.shutdown()
         raise DHTStartError(f"the DHT node did not start within {timeout_s:.0f}s") from None
     except Exception as exc:  # hivemind raises bare exceptions for unreachable peers and bad maddrs
-        dht.terminate()
+        dht.shutdown()
         raise ConfigError(f"cannot start a DHT node with initial peers {list(initial_peers)}: {exc}") from exc
     return dht
 
@@ -61,16 +69,44 @@ def owned_subkey(dht: hivemind.DHT) -> bytes:
     return dht.peer_id.to_base58().encode() + RSASignatureValidator().local_public_key
 
 
-def announce(dht: hivemind.DHT, model_id: str, record: ServerRecord, ttl_s: float) -> bool:
-    """Store ``record`` under every block key of its span; True if every store succeeded."""
+def announce(
+    dht: hivemind.DHT,
+    model_id: str,
+    record: ServerRecord,
+    ttl_s: float,
+    timeout_s: float = ANNOUNCE_TIMEOUT_S,
+) -> bool:
+    """Store ``record`` under every block key of its span; True if every store succeeded in timeout_s."""
+    if not dht.is_alive():
+        logger.warning(
+            "DHT announce of blocks %d:%d skipped: the DHT process is gone", record.start, record.end
+        )
+        return False
     keys = [block_key(model_id, block) for block in range(record.start, record.end)]
     subkey = owned_subkey(dht)
     expiration = get_dht_time() + ttl_s
-    result = dht.run_coroutine(partial(_store_many, keys, subkey, record.dict(), expiration))
+    future = dht.run_coroutine(
+        partial(_store_many, keys, subkey, record.dict(), expiration), return_future=True
+    )
+    result = _result_while_alive(dht, future, timeout_s)
+    if result is None:
+        logger.warning("DHT announce of blocks %d:%d got no answer from the DHT", record.start, record.end)
+        return False
     stored = all(result.values())
     if not stored:
         logger.warning("DHT announce of blocks %d:%d was not stored everywhere", record.start, record.end)
     return stored
+
+
+def _result_while_alive(dht: hivemind.DHT, future, timeout_s: float):
+    """The future's result; None after timeout_s, or as soon as the DHT process is found dead."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return future.result(timeout=min(_LIVENESS_CHECK_S, max(deadline - time.monotonic(), 0.0)))
+        except FutureTimeoutError:
+            if not dht.is_alive() or time.monotonic() >= deadline:
+                return None
 
 
 async def _store_many(keys: list[str], subkey: bytes, value: dict, expiration: float, _dht, node) -> dict:
