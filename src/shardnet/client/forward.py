@@ -61,7 +61,7 @@ def forward_through_swarm(
     extra = optional_tensors(mask, positions, transport.max_message_bytes)
     route = planner.route(0, num_blocks)
     used: list[RouteHop] = []
-    failures, index = 0, 0
+    failures, index, failed = 0, 0, set()
     while index < len(route):
         hop = route[index]
         try:
@@ -72,7 +72,8 @@ def forward_through_swarm(
                 raise
             if not isinstance(error, SessionExpiredError):
                 health.report_failure(hop.peer_id, str(error))
-            route = planner.route(hop.start, num_blocks)
+                failed.add(hop.peer_id)
+            route = planner.route(hop.start, num_blocks, exclude=frozenset(failed))
             logger.info("forward: %s failed (%s); rerouted to %s", hop, error, describe(route))
             index = 0
             continue

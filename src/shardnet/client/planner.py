@@ -50,7 +50,9 @@ class RoutePlanner:
         self.config = config
         self.cost_model = cost_model or CostModel()
 
-    def _unusable_reason(self, view: ServerView, needs: SessionNeeds, banned: frozenset[str]) -> str | None:
+    def _unusable_reason(
+        self, view: ServerView, needs: SessionNeeds, banned: frozenset[str], exclude: frozenset[str]
+    ) -> str | None:
         """Why a server cannot take this route's work, or None if it can."""
         record, config = view.record, self.config
         if record.state != ServerState.ONLINE.value:
@@ -63,6 +65,8 @@ class RoutePlanner:
             return "not in allowed_servers"
         if record.peer_id in config.blocked_servers:
             return "in blocked_servers"
+        if record.peer_id in exclude:
+            return "failed during this request"
         if record.peer_id in banned:
             return "failed recently"
         if needs.max_length:
@@ -74,22 +78,30 @@ class RoutePlanner:
                 return "not enough free cache"
         return None
 
-    def try_route(self, start: int, end: int, needs: SessionNeeds) -> list[RouteHop] | None:
+    def try_route(
+        self, start: int, end: int, needs: SessionNeeds, exclude: frozenset[str] = frozenset()
+    ) -> list[RouteHop] | None:
         """The cheapest route over the current snapshot, or None if some block has no usable server."""
         banned = self.health.banned()
         usable = [
             view
             for view in self.view.snapshot().servers
-            if self._unusable_reason(view, needs, banned) is None
+            if self._unusable_reason(view, needs, banned, exclude) is None
         ]
         costs = hop_costs(usable, self.health.rtts(), self.health.open_sessions(), self.cost_model)
         return cheapest_route(usable, costs, start, end)
 
     def route(
-        self, start: int, end: int, needs: SessionNeeds = SessionNeeds(), reserve: bool = False
+        self,
+        start: int,
+        end: int,
+        needs: SessionNeeds = SessionNeeds(),
+        reserve: bool = False,
+        exclude: frozenset[str] = frozenset(),
     ) -> list[RouteHop]:
         """A route over blocks ``start:end``; waits (refreshing the view) up to the route timeout.
 
+        ``exclude``: peer ids not to use whatever their state (those that failed the request at hand).
         ``reserve``: count a session on each hop's server at once (``ServerHealth.session_opened``), so
         that routes chosen at the same moment by other threads spread over replicas; the caller calls
         ``session_closed`` for each hop when its session ends or fails to open.
@@ -98,7 +110,7 @@ class RoutePlanner:
         delay = 0.1
         while True:
             with self.health.routing_lock:
-                route = self.try_route(start, end, needs)
+                route = self.try_route(start, end, needs, exclude)
                 if route is not None and reserve:
                     for hop in route:
                         self.health.session_opened(hop.peer_id)
@@ -106,23 +118,25 @@ class RoutePlanner:
                 return route
             now = time.monotonic()
             if now >= deadline:
-                raise self._not_found(start, end, needs)
+                raise self._not_found(start, end, needs, exclude)
             unban = self.health.next_unban_s()
             wait = min(delay, deadline - now, unban + 0.01 if unban is not None else delay)
             time.sleep(max(wait, 0.01))
             delay = min(delay * 2, 2.0)
             self.view.refresh(max_age_s=delay / 2)
 
-    def _not_found(self, start: int, end: int, needs: SessionNeeds) -> RouteNotFoundError:
+    def _not_found(
+        self, start: int, end: int, needs: SessionNeeds, exclude: frozenset[str]
+    ) -> RouteNotFoundError:
         banned = self.health.banned()
         servers = self.view.snapshot().servers
-        usable = [v for v in servers if self._unusable_reason(v, needs, banned) is None]
+        usable = [v for v in servers if self._unusable_reason(v, needs, banned, exclude) is None]
         missing = missing_blocks(usable, start, end)
         reasons = Counter(
             reason
             for view in servers
             if any(view.record.start <= block < view.record.end for block in missing)
-            and (reason := self._unusable_reason(view, needs, banned)) is not None
+            and (reason := self._unusable_reason(view, needs, banned, exclude)) is not None
         )
         why = ", ".join(f"{count} server(s) {reason}" for reason, count in reasons.most_common())
         return RouteNotFoundError(

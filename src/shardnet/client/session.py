@@ -78,6 +78,7 @@ class InferenceSession:
         self._mask = GrowingBuffer(max_length)  # [batch, position] 0/1 padding of every position
         self._masked = False  # whether a padding mask was ever sent (then replacements need it too)
         self._failures = 0  # failovers during the current step (or the opening)
+        self._failed_peers: set[str] = set()  # servers that failed the current step: not retried in it
         self._hops: list[_Hop] = []
         self._hops, _ = self._open(*blocks, None)
         logger.info(
@@ -110,6 +111,7 @@ class InferenceSession:
         masked = self._masked or mask is not None
         timings: list[HopTiming] = []
         self._failures, index = 0, 0
+        self._failed_peers.clear()
         while index < len(self._hops):
             hop = self._hops[index]
             try:
@@ -163,6 +165,7 @@ class InferenceSession:
             raise error
         if not isinstance(error, SessionExpiredError):  # the server ended the session but is healthy
             self._health.report_failure(hop.peer_id, str(error))
+            self._failed_peers.add(hop.peer_id)
         self._planner.view.request_refresh()
 
     def _open(self, start: int, end: int, replay: _Replay | None) -> tuple[list[_Hop], torch.Tensor | None]:
@@ -172,7 +175,9 @@ class InferenceSession:
         block, hidden = start, None if replay is None else replay.hidden
         try:
             while block < end:
-                reserved = self._planner.route(block, end, self._needs, reserve=True)
+                reserved = self._planner.route(
+                    block, end, self._needs, reserve=True, exclude=frozenset(self._failed_peers)
+                )
                 while reserved:
                     route_hop = reserved[0]
                     try:
