@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -100,8 +102,6 @@ def swarm(request, tmp_path_factory):
 
 def serving_process(swarm: LocalSwarm, port: int):
     """The `shardnet serve` child of ``swarm`` that listens on gRPC ``port``."""
-    import psutil
-
     for process in swarm.servers:
         if process.poll() is not None:
             continue
@@ -131,3 +131,22 @@ class OnToken:
 
     def end(self) -> None:
         pass
+
+
+def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def wait_gone(processes: list[psutil.Process], timeout_s: float = 15.0) -> list[str]:
+    """Poll until every process has exited; the names of those still running at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while still_running(processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [f"{p.pid} {p.name()}" for p in still_running(processes)]

@@ -6,8 +6,13 @@ generate on the same input: a generation that failed over must give exactly the 
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 
@@ -15,7 +20,7 @@ from shardnet import ShardedModel
 from shardnet.errors import InvalidRequestError, RouteNotFoundError
 from shardnet.launch import LocalSwarm
 
-from .conftest import OnToken, reference, serving_process
+from .conftest import OnToken, reference, serving_process, wait_gone
 
 NEW_TOKENS = 20
 KILL_AFTER = 5
@@ -156,3 +161,66 @@ def test_a_bad_request_is_raised_at_once_without_failover(swarm):
             assert not model.health.banned() & {hop.peer_id for hop in session.route}
         finally:
             session.close()
+
+
+def test_group_sigterm_during_generation_drains_and_the_tokens_stay_the_same(llama_untied, local, tmp_path):
+    """Ctrl-C / systemctl-style stop of a server in use: it drains, the client moves to a replica when
+    the drain ends, the tokens are those of a run without the stop, and nothing of the server remains."""
+    drain_s = 3.0
+    swarm = LocalSwarm(
+        llama_untied,
+        [(0, 3), (3, 6), (3, 6)],
+        log_dir=tmp_path,
+        torch_threads=1,
+        extra_args=["--drain-timeout", str(drain_s)],
+    )
+    swarm.start(timeout_s=180)
+    try:
+        ids, _ = _prompt(1, seed=6)
+        new_tokens = 40
+        want = local.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        stopped = {}
+        with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers) as model:
+            with model.inference_session(max_length=64) as session:
+
+                class PacedStop(OnToken):
+                    """Stops the 3:6 server in use after the 5th token, then paces like a slow reader so
+                    the drain timeout passes mid-generation."""
+
+                    def put(self, value) -> None:
+                        super().put(value)
+                        if self.tokens > KILL_AFTER:
+                            time.sleep(0.15)
+
+                def stop_second_hop() -> None:
+                    hop = session.route[1]
+                    process = serving_process(swarm, hop.server.record.port)
+                    tree = [
+                        psutil.Process(process.pid),
+                        *psutil.Process(process.pid).children(recursive=True),
+                    ]
+                    stopped.update(process=process, tree=tree, hop=hop, at=time.monotonic())
+                    os.killpg(process.pid, signal.SIGTERM)  # its own session: the group is the server's
+
+                got = model.generate(
+                    ids, max_new_tokens=new_tokens, streamer=PacedStop(KILL_AFTER, stop_second_hop)
+                )
+                assert session.chain.failovers >= 1
+                assert session.route[1].peer_id != stopped["hop"].peer_id
+        assert got.tolist() == want.tolist()
+        process = stopped["process"]
+        assert process.wait(timeout=drain_s + 15) == 0
+        assert time.monotonic() - stopped["at"] < drain_s + 15
+        assert wait_gone(stopped["tree"]) == [], "processes of the stopped server still running"
+        status = subprocess.run(
+            [sys.executable, "-m", "shardnet", "status", "--model", str(swarm.model_path)]
+            + ["--initial-peers", *swarm.initial_peers],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        address = stopped["hop"].server.address
+        lines = [line for line in status.stdout.splitlines() if address in line]
+        assert all("online" not in line for line in lines), status.stdout
+    finally:
+        swarm.stop()

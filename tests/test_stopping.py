@@ -26,6 +26,8 @@ from shardnet.launch import LocalSwarm
 from shardnet.wire import pb, pb_grpc
 from shardnet.wire.tensors import serialize
 
+from .conftest import still_running, wait_gone
+
 DRAIN_S = 2.0  # --drain-timeout of the servers in these tests
 EXIT_SLACK_S = 15.0  # a stopped server exits within its drain timeout plus this
 GONE_S = 15.0  # after an exit or a SIGKILL, every recorded descendant is gone within this
@@ -51,27 +53,8 @@ def observer(swarm):
     dht.shutdown()
 
 
-def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def _wait_gone(processes: list[psutil.Process], timeout_s: float = GONE_S) -> list[str]:
-    """Poll until every process has exited; the names of those still running at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while _alive(processes) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [f"{p.pid} {p.name()}" for p in _alive(processes)]
-
-
 def _kill_all(processes: list[psutil.Process]) -> None:
-    for process in _alive(processes):
+    for process in still_running(processes):
         try:
             process.kill()
         except psutil.NoSuchProcess:
@@ -138,7 +121,7 @@ def test_group_signal_drains_announces_offline_and_leaves_nothing(swarm, observe
     with _server(swarm, observer) as (process, view, tree):
         os.killpg(process.pid, sig)  # LocalSwarm starts each server as its own process group
         assert process.wait(timeout=DRAIN_S + EXIT_SLACK_S) == 0
-        assert _wait_gone(tree) == []
+        assert wait_gone(tree) == []
         # OFFLINE reached the DHT, so p2pd was still working when the server announced it.
         assert _state_of(observer, swarm, view.record.peer_id) == ServerState.OFFLINE.value
 
@@ -147,7 +130,7 @@ def test_sigkill_of_server_ends_its_dht_process_and_p2pd(swarm, observer):
     with _server(swarm, observer) as (process, _, tree):
         process.kill()
         process.wait()
-        assert _wait_gone(tree) == []
+        assert wait_gone(tree) == []
 
 
 def _read_line(process: subprocess.Popen, timeout_s: float = 60.0) -> str:
@@ -194,14 +177,14 @@ def test_sigkill_of_dht_owner_leaves_nothing(swarm, node):
     with _spawned(node(swarm)) as (process, tree):
         process.kill()
         process.wait()
-        assert _wait_gone(tree) == []
+        assert wait_gone(tree) == []
 
 
 def test_group_sigterm_stops_shardnet_dht_with_status_0(swarm):
     with _spawned(_dht_node(swarm)) as (process, tree):
         os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(timeout=EXIT_SLACK_S) == 0
-        assert _wait_gone(tree) == []
+        assert wait_gone(tree) == []
 
 
 @pytest.mark.parametrize("node", [_dht_node, _client_node], ids=["server_mode", "client_mode"])
@@ -212,7 +195,7 @@ def test_p2pd_exits_when_its_dht_process_dies(swarm, node):
         [dht_process] = [p for p in tree[1:] if p.name().startswith("python")]
         p2pd = [p for p in tree if p.name() == "p2pd"]
         dht_process.kill()
-        assert _wait_gone(p2pd) == []
+        assert wait_gone(p2pd) == []
 
 
 class _Stream:
@@ -270,7 +253,7 @@ def test_drain_keeps_open_sessions_refuses_new_ones_then_ends_them(swarm, observ
             refused.close()
             channel.close()
         assert process.wait(timeout=drain_s + EXIT_SLACK_S) == 0
-        assert _wait_gone(tree) == []
+        assert wait_gone(tree) == []
         assert _state_of(observer, swarm, view.record.peer_id) == ServerState.OFFLINE.value
 
 

@@ -166,7 +166,8 @@ class InferenceSession:
         if not isinstance(error, SessionExpiredError):  # the server ended the session but is healthy
             self._health.report_failure(hop.peer_id, str(error))
             self._failed_peers.add(hop.peer_id)
-        self._planner.view.request_refresh()
+        # Off the per-token path: look again now, so a server that announced DRAINING is passed over.
+        self._planner.view.refresh(max_age_s=1.0)
 
     def _open(self, start: int, end: int, replay: _Replay | None) -> tuple[list[_Hop], torch.Tensor | None]:
         """Open sessions covering blocks start:end, replaying into each; returns them and the last output."""
