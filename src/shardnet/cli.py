@@ -100,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=10.0, help="seconds open sessions get on SIGTERM"
     )
     serve.add_argument("--torch-threads", type=int, default=None)
+    serve.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="close a session with no step for this long and free its cache (default 300)",
+    )
+    serve.add_argument(
+        "--max-chunk-tokens",
+        type=int,
+        default=1024,
+        help="largest compute chunk of a step, batch x positions: a long prefill runs in chunks and "
+        "other sessions' steps run in between (default 1024)",
+    )
 
     status = sub.add_parser("status", help="show which servers hold which blocks")
     status.add_argument(
@@ -170,6 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         announce_ttl_s=args.announce_ttl,
         drain_timeout_s=args.drain_timeout,
         torch_threads=args.torch_threads,
+        session_idle_timeout_s=args.session_idle_timeout,
+        max_chunk_tokens=args.max_chunk_tokens,
     )
     run_server(config)
     return 0
