@@ -115,12 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         "other sessions' steps run in between (default 1024)",
     )
 
-    status = sub.add_parser("status", help="show which servers hold which blocks")
+    status = sub.add_parser("status", help="show which servers hold which blocks, their state and load")
     status.add_argument(
         "--model", required=True, type=Path, help="model folder (to know its id and block count)"
     )
     status.add_argument("--model-id", default=None, help="DHT prefix; default: derived from the model config")
     _add_peers(status, required=True)
+    status.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of a table (for scripts)"
+    )
 
     demo = sub.add_parser(
         "demo", help="start a local swarm over a real model and stream one chat answer through it"
@@ -192,13 +195,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from shardnet.client.swarm_status import render_table, status_document
     from shardnet.client.swarm_view import SwarmView
+    from shardnet.models import adapter_for, derive_model_id, load_config, validate_model_id
 
     peers = _peers(args)
     if not peers:
         raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
-    with SwarmView.connect(args.model, peers, model_id=args.model_id) as view:
-        print(view.render())
+    config = load_config(args.model)
+    model_id = validate_model_id(args.model_id or derive_model_id(config))
+    num_blocks = adapter_for(config).num_blocks(config)
+    with SwarmView.connect(args.model, peers, model_id=model_id) as view:
+        per_block = view.servers()
+    if args.json:
+        print(json.dumps(status_document(per_block, model_id, num_blocks), indent=2))
+    else:
+        print(render_table(per_block, model_id, num_blocks))
     return 0
 
 
