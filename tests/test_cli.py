@@ -81,3 +81,8 @@ def test_listen_everywhere_needs_announce_host(llama_24):
 def test_status_needs_peers(llama_24, monkeypatch):
     monkeypatch.delenv("SHARDNET_INITIAL_PEERS", raising=False)
     _assert_one_line_error(_run("status", "--model", str(llama_24)), "--initial-peers")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--session-idle-timeout", "0"), ("--max-chunk-tokens", "0")])
+def test_bad_pressure_limits(llama_24, flag, value):
+    _assert_one_line_error(_run("serve", "--model", str(llama_24), "--blocks", "0:1", flag, value), flag)

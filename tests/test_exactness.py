@@ -109,3 +109,70 @@ def test_repetition_penalty_and_eos_match_local(client, local):
     want = local.generate(ids, **kwargs)
     got = client.generate(ids, **kwargs)
     assert got.tolist() == want.tolist()
+
+
+# ---- steps longer than a compute chunk: a server runs them in chunks, with the same numbers ----
+
+CHUNK_TOKENS = 8  # batch x positions per compute chunk: batch 2 runs 4 positions at a time
+
+
+@pytest.fixture(scope="module")
+def chunked(llama_untied, tmp_path_factory):
+    from shardnet.launch import LocalSwarm
+
+    swarm = LocalSwarm(
+        llama_untied,
+        [(0, 3), (3, 6)],
+        log_dir=tmp_path_factory.mktemp("chunked_logs"),
+        torch_threads=1,
+        extra_args=["--max-chunk-tokens", str(CHUNK_TOKENS)],
+    )
+    swarm.start(timeout_s=180)
+    model = ShardedModel.from_pretrained(swarm.model_path, initial_peers=swarm.initial_peers)
+    yield model, reference(llama_untied)
+    model.close()
+    swarm.stop()
+
+
+def _long_left_padded(length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 256, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    ids[0, :7], mask[0, :7] = 0, 0  # the padding spans two chunks of row 0
+    return ids, mask
+
+
+def test_chunked_forward_logits_match_with_left_padding(chunked):
+    client, local = chunked
+    ids, mask = _long_left_padded(37, seed=7)  # 10 chunks, the last one short
+    with torch.no_grad():
+        want = local(ids, attention_mask=mask).logits
+    assert (client(ids, attention_mask=mask).logits - want).abs().max().item() <= 1e-4
+
+
+def test_chunked_session_logits_and_greedy_tokens_match(chunked):
+    client, local = chunked
+    ids, mask = _long_left_padded(30, seed=8)
+    with torch.no_grad():
+        want = local(ids, attention_mask=mask).logits
+    with client.inference_session(max_length=64):  # the prefill is one session step, run in 8 chunks
+        got = client(ids, attention_mask=mask).logits
+    assert (got - want).abs().max().item() <= 1e-4
+    want_tokens = local.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got_tokens = client.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert got_tokens.tolist() == want_tokens.tolist()
+
+
+def test_chunked_steps_on_top_of_a_cache_match(chunked):
+    client, local = chunked
+    generator = torch.Generator().manual_seed(9)
+    prompt = torch.randint(3, 256, (1, 21), generator=generator)
+    more = torch.randint(
+        3, 256, (1, 13), generator=generator
+    )  # a second long step, after 21 cached positions
+    with client.inference_session(max_length=80):
+        first = client(prompt).logits
+        second = client(more).logits
+    with torch.no_grad():
+        want = local(torch.cat([prompt, more], dim=1)).logits
+    assert (first - want[:, :21]).abs().max().item() <= 1e-4
+    assert (second - want[:, 21:]).abs().max().item() <= 1e-4

@@ -101,13 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=10.0, help="seconds open sessions get on SIGTERM"
     )
     serve.add_argument("--torch-threads", type=int, default=None)
+    serve.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="close a session with no step for this long and free its cache (default 300)",
+    )
+    serve.add_argument(
+        "--max-chunk-tokens",
+        type=int,
+        default=1024,
+        help="largest compute chunk of a step, batch x positions: a long prefill runs in chunks and "
+        "other sessions' steps run in between (default 1024)",
+    )
 
-    status = sub.add_parser("status", help="show which servers hold which blocks")
+    status = sub.add_parser("status", help="show which servers hold which blocks, their state and load")
     status.add_argument(
         "--model", required=True, type=Path, help="model folder (to know its id and block count)"
     )
     status.add_argument("--model-id", default=None, help="DHT prefix; default: derived from the model config")
     _add_peers(status, required=True)
+    status.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of a table (for scripts)"
+    )
 
     demo = sub.add_parser(
         "demo", help="start a local swarm over a real model and stream one chat answer through it"
@@ -175,19 +192,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         announce_ttl_s=args.announce_ttl,
         drain_timeout_s=args.drain_timeout,
         torch_threads=args.torch_threads,
+        session_idle_timeout_s=args.session_idle_timeout,
+        max_chunk_tokens=args.max_chunk_tokens,
     )
     run_server(config)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from shardnet.client.swarm_status import render_table, status_document
     from shardnet.client.swarm_view import SwarmView
+    from shardnet.models import adapter_for, derive_model_id, load_config, validate_model_id
 
     peers = _peers(args)
     if not peers:
         raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
-    with SwarmView.connect(args.model, peers, model_id=args.model_id) as view:
-        print(view.render())
+    config = load_config(args.model)
+    model_id = validate_model_id(args.model_id or derive_model_id(config))
+    num_blocks = adapter_for(config).num_blocks(config)
+    with SwarmView.connect(args.model, peers, model_id=model_id) as view:
+        per_block = view.servers()
+    if args.json:
+        print(json.dumps(status_document(per_block, model_id, num_blocks), indent=2))
+    else:
+        print(render_table(per_block, model_id, num_blocks))
     return 0
 
 

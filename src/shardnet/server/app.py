@@ -14,9 +14,10 @@ import torch
 from shardnet.dht import ServerRecord, ServerState, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
 from shardnet.models import Checkpoint, adapter_for, derive_model_id, load_config, validate_model_id
-from shardnet.server.announcer import Announcer
+from shardnet.server.announcer import Announcer, LoadTrigger
 from shardnet.server.backend import SpanBackend, SpanLimits
 from shardnet.server.config import ServerConfig
+from shardnet.server.reaper import IdleReaper
 from shardnet.server.servicer import ServerRuntime, ShardServicer
 from shardnet.server.sessions import SessionTable
 from shardnet.version import __version__
@@ -30,6 +31,18 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def keepalive_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Ping silent connections so half-open ones (a client machine gone without a FIN) end their streams."""
+    return [
+        ("grpc.keepalive_time_ms", round(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_s * 1000)),
+        # grpc 1.85 waits this long for a keepalive ping's answer (measured: 60 s by default, whatever the above)
+        ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging a session that sends nothing
+        ("grpc.http2.min_ping_interval_without_data_ms", round(config.min_client_ping_interval_s * 1000)),
     ]
 
 
@@ -75,6 +88,7 @@ class Server:
             cache_tokens_free=max(self.runtime.sessions.cache_tokens_free, 0),
             cache_tokens_total=self.runtime.sessions.max_cache_tokens,
             open_sessions=len(self.runtime.sessions),
+            sessions_served=self.runtime.sessions.sessions_served,
             max_length=self.max_length,
             max_batch_size=self.config.max_batch_size,
         )
@@ -93,7 +107,7 @@ class Server:
             max_length=self.max_length,
             max_position=self.max_position,
         )
-        return SpanBackend(span, dtype, limits)
+        return SpanBackend(span, dtype, limits, self.config.max_chunk_tokens)
 
     def _start_grpc(self) -> grpc.Server:
         cfg = self.config
@@ -102,7 +116,7 @@ class Server:
         workers = cfg.max_sessions + _UNARY_WORKERS
         server = grpc.server(
             ThreadPoolExecutor(workers, thread_name_prefix="grpc"),
-            options=grpc_options(cfg.max_message_bytes),
+            options=grpc_options(cfg.max_message_bytes) + keepalive_options(cfg),
             maximum_concurrent_rpcs=workers,
         )
         pb_grpc.add_ShardServicer_to_server(ShardServicer(self.runtime), server)
@@ -129,7 +143,10 @@ class Server:
         except BaseException:
             await asyncio.to_thread(self.dht.shutdown)
             raise
-        announcer = Announcer(self.dht, self.model_id, self._record, cfg.announce_ttl_s)
+        trigger = LoadTrigger.for_limits(cfg.max_cache_tokens, cfg.max_sessions)
+        announcer = Announcer(self.dht, self.model_id, self._record, cfg.announce_ttl_s, trigger)
+        self.runtime.sessions.on_change = announcer.load_changed
+        reaper = IdleReaper(self.runtime.sessions, cfg.session_idle_timeout_s)
         try:
             await announcer.announce_now()  # JOINING
             began = time.perf_counter()
@@ -138,6 +155,7 @@ class Server:
             self.runtime.state = ServerState.ONLINE
             await announcer.announce_now()
             announcer.start()
+            reaper.start()
             maddrs = visible_maddrs(self.dht)
             logger.info(
                 "shardnet server ready: model=%s blocks=%d:%d dtype=%s grpc=%s:%d dht=%s load=%.1fs throughput=%.1f steps/s",
@@ -154,6 +172,7 @@ class Server:
             await self._stop.wait()
             await self._drain(announcer)
         finally:
+            await reaper.stop()
             await announcer.stop()
             self.runtime.state = ServerState.OFFLINE
             await announcer.announce_now()

@@ -10,6 +10,7 @@ import torch
 
 from shardnet.errors import InvalidRequestError, ModelMismatchError
 from shardnet.models import SpanInputs, SpanModule
+from shardnet.server.fair_lock import FairLock
 from shardnet.server.sessions import Session
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,18 @@ class StepInput:
 
 
 class SpanBackend:
-    def __init__(self, span: SpanModule, dtype: torch.dtype, limits: SpanLimits):
+    """Runs a span for every session. Compute is serial (one span uses all its torch threads), taken
+    per chunk of at most ``max_chunk_tokens`` (batch x positions) under a FIFO lock, so a long prefill
+    lets other sessions' decode steps in between its chunks."""
+
+    def __init__(
+        self, span: SpanModule, dtype: torch.dtype, limits: SpanLimits, max_chunk_tokens: int = 1024
+    ):
         self.span = span
         self.dtype = dtype
         self.limits = limits
+        self.max_chunk_tokens = max_chunk_tokens
+        self.compute_lock = FairLock()
 
     # ---- checks (cheap, before any work) ----
 
@@ -88,43 +97,80 @@ class SpanBackend:
             if new and (int(ids.min()) < 0 or int(ids.max()) >= self.limits.max_position):
                 raise InvalidRequestError(f"position_ids must lie in 0..{self.limits.max_position - 1}")
 
-    # ---- compute (runs under the servicer's compute lock) ----
+    # ---- compute: in chunks of at most max_chunk_tokens, each under the fair compute lock ----
 
     def forward(self, step: StepInput, start: int, end: int) -> tuple[torch.Tensor, float]:
-        """Run blocks start:end over full sequences, no cache. Returns (hidden states, compute seconds)."""
+        """Run blocks start:end over full sequences. Returns (hidden states, compute seconds).
+
+        Longer than one chunk, it runs chunk by chunk over a throwaway KV cache, like a session's prefill.
+        """
         batch, length = step.hidden_states.shape[:2]
         positions = step.position_ids
         if positions is None:
             positions = torch.arange(length).unsqueeze(0).expand(batch, -1)  # [batch, seq]
         mask = None if step.attention_mask is None else step.attention_mask.to(torch.int64)
-        return self._run(step.hidden_states, SpanInputs(mask, positions), None, start, end)
+        if length <= self.chunk_positions(batch):
+            with self.compute_lock:
+                return self._run(step.hidden_states, SpanInputs(mask, positions), None, start, end)
+        cache = self.span.new_cache()
+        outs, compute_s = [], 0.0
+        for first, last in self._chunks(batch, length):
+            with self.compute_lock:
+                out, chunk_s = self._run(
+                    step.hidden_states[:, first:last],
+                    SpanInputs(None if mask is None else mask[:, :last], positions[:, first:last]),
+                    cache,
+                    start,
+                    end,
+                )
+            outs.append(out)
+            compute_s += chunk_s
+        return torch.cat(outs, dim=1), compute_s  # [batch, seq, hidden]
 
     def step(self, session: Session, step: StepInput) -> tuple[torch.Tensor, float]:
-        """Run one step of a session, extending its KV cache and padding mask."""
+        """Run one step of a session, extending its KV cache and padding mask chunk by chunk."""
         batch, new = step.hidden_states.shape[:2]
+        past = session.position
         positions = step.position_ids
         if positions is None:
-            positions = torch.arange(session.position, session.position + new).unsqueeze(0).expand(batch, -1)
+            positions = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)  # [batch, new]
+        mask = None  # [batch, past + new] 0/1, once any padding was sent in this session
         if step.attention_mask is not None or session.attention_mask is not None:
-            past = session.attention_mask
-            if past is None:
-                past = torch.ones(batch, session.position, dtype=torch.int64)
+            old = session.attention_mask
+            if old is None:
+                old = torch.ones(batch, past, dtype=torch.int64)
             new_mask = step.attention_mask
             new_mask = (
                 torch.ones(batch, new, dtype=torch.int64) if new_mask is None else new_mask.to(torch.int64)
             )
-            session.attention_mask = torch.cat([past, new_mask], dim=1)  # [batch, position + new]
-        out, compute_s = self._run(
-            step.hidden_states,
-            SpanInputs(session.attention_mask, positions),
-            session.cache,
-            session.start,
-            session.end,
-        )
-        session.position += new
+            mask = torch.cat([old, new_mask], dim=1)
+        outs, compute_s = [], 0.0
+        for first, last in self._chunks(batch, new):
+            with self.compute_lock:
+                out, chunk_s = self._run(
+                    step.hidden_states[:, first:last],
+                    SpanInputs(None if mask is None else mask[:, : past + last], positions[:, first:last]),
+                    session.cache,
+                    session.start,
+                    session.end,
+                )
+            # The cache now holds past + last positions: keep the session's view of it the same.
+            session.position = past + last
+            if mask is not None:
+                session.attention_mask = mask[:, : past + last]
+            session.compute_s += chunk_s
+            outs.append(out)
+            compute_s += chunk_s
         session.steps += 1
-        session.compute_s += compute_s
-        return out, compute_s
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), compute_s  # [batch, new, hidden]
+
+    def chunk_positions(self, batch: int) -> int:
+        """Positions per compute chunk for this batch size (at least one)."""
+        return max(1, self.max_chunk_tokens // batch)
+
+    def _chunks(self, batch: int, length: int) -> list[tuple[int, int]]:
+        size = self.chunk_positions(batch)
+        return [(first, min(first + size, length)) for first in range(0, length, size)]
 
     def _run(
         self, hidden: torch.Tensor, inputs: SpanInputs, cache: object | None, start: int, end: int

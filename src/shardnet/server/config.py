@@ -43,6 +43,15 @@ class ServerConfig:
     announce_ttl_s: float = 30.0  # DHT record lifetime; refreshed every third of it
     drain_timeout_s: float = 10.0  # on SIGTERM, how long open sessions may finish before the server stops
     torch_threads: int | None = None  # torch intra-op threads; None = torch's default
+    session_idle_timeout_s: float = 300.0  # a session with no step for this long is closed, its cache freed
+    max_chunk_tokens: int = 1024  # largest compute chunk, batch x positions; other steps run between chunks
+    # gRPC keepalive, so a half-open connection (client machine gone without a FIN) ends its sessions: the
+    # server pings each connection with open streams every keepalive_time_s, also when no data flows, and
+    # drops it when an answer takes longer than keepalive_timeout_s. With 60 s + 20 s, a vanished client's
+    # session is freed within ~80 s, long before the idle timeout (tests/test_pressure.py checks 1 s + 1 s).
+    keepalive_time_s: float = 60.0  # seconds between the server's pings of a connection
+    keepalive_timeout_s: float = 20.0  # seconds a ping's answer may take before the connection is dropped
+    min_client_ping_interval_s: float = 10.0  # clients may ping this often; more often gets a GOAWAY
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -55,13 +64,26 @@ class ServerConfig:
             raise ConfigError(
                 f"--host {self.host} listens everywhere: also pass --announce-host, the address clients dial"
             )
-        for name in ("max_batch_size", "max_length", "max_cache_tokens", "max_sessions", "max_message_bytes"):
+        for name in (
+            "max_batch_size",
+            "max_length",
+            "max_cache_tokens",
+            "max_sessions",
+            "max_message_bytes",
+            "max_chunk_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.announce_ttl_s <= 0 or self.drain_timeout_s < 0:
             raise ConfigError("--announce-ttl must be positive and --drain-timeout non-negative")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError("--torch-threads must be at least 1")
+        if not self.session_idle_timeout_s > 0:
+            raise ConfigError("--session-idle-timeout must be positive (seconds)")
+        if min(self.keepalive_time_s, self.keepalive_timeout_s, self.min_client_ping_interval_s) <= 0:
+            raise ConfigError(
+                "keepalive_time_s, keepalive_timeout_s and min_client_ping_interval_s must be positive"
+            )
 
     @property
     def dial_host(self) -> str:

@@ -1,17 +1,23 @@
-"""Inference sessions and the KV-cache budget they draw on. No gRPC here."""
+"""Inference sessions, the KV-cache budget they draw on, and their counts. No gRPC here."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from shardnet.errors import CacheFullError, InvalidRequestError
+from shardnet.errors import CacheFullError, InvalidRequestError, SessionError
 
 logger = logging.getLogger(__name__)
+
+
+def _no_cancel() -> None:
+    pass
 
 
 @dataclass
@@ -24,10 +30,14 @@ class Session:
     batch_size: int
     max_length: int  # most positions this session may hold
     cache: object  # the adapter's KV cache for this span
+    cancel: Callable[[], None] = _no_cancel  # ends the session's stream from another thread (idle reclaim)
     position: int = 0  # positions already in the cache
     attention_mask: torch.Tensor | None = None  # [batch, position] 0/1, kept only once padding was sent
     steps: int = 0
     compute_s: float = field(default=0.0)
+    last_active_s: float = field(default_factory=time.monotonic)  # monotonic time its last step ended
+    busy: bool = False  # a step is being run (or waits for compute) now
+    reclaimed: bool = False  # closed for idleness: takes no more steps
 
     @property
     def cache_tokens(self) -> int:
@@ -39,12 +49,18 @@ class Session:
 
 
 class SessionTable:
-    """Open sessions and the cache budget; thread-safe, since gRPC handlers and compute run apart."""
+    """Open sessions and the cache budget; thread-safe, since gRPC handlers and compute run apart.
+
+    ``on_change`` (if set) is called after every open and close, outside the table's lock, on the
+    thread that opened or closed the session.
+    """
 
     def __init__(self, max_cache_tokens: int, max_sessions: int):
         self.max_cache_tokens = max_cache_tokens
         self.max_sessions = max_sessions
+        self.on_change: Callable[[], None] | None = None
         self._sessions: dict[str, Session] = {}
+        self._served = 0
         self._lock = threading.Lock()
 
     @property
@@ -56,12 +72,25 @@ class SessionTable:
     def cache_tokens_free(self) -> int:
         return self.max_cache_tokens - self.cache_tokens_used
 
+    @property
+    def sessions_served(self) -> int:
+        """Sessions opened since the server started (open now included)."""
+        with self._lock:
+            return self._served
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
 
     def open(
-        self, start: int, end: int, batch_size: int, max_length: int, cache: object, client_id: str
+        self,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        cache: object,
+        client_id: str,
+        cancel: Callable[[], None] = _no_cancel,
     ) -> Session:
         tokens = batch_size * max_length
         with self._lock:
@@ -78,8 +107,9 @@ class SessionTable:
             session_id = _clean_client_id(client_id) or uuid.uuid4().hex
             while session_id in self._sessions:
                 session_id = uuid.uuid4().hex
-            session = Session(session_id, start, end, batch_size, max_length, cache)
+            session = Session(session_id, start, end, batch_size, max_length, cache, cancel)
             self._sessions[session_id] = session
+            self._served += 1
         logger.info(
             "session open session=%s span=%d:%d batch=%d max_length=%d",
             session.short_id,
@@ -88,6 +118,7 @@ class SessionTable:
             batch_size,
             max_length,
         )
+        self._changed()
         return session
 
     def close(self, session: Session) -> None:
@@ -95,6 +126,7 @@ class SessionTable:
             removed = self._sessions.pop(session.session_id, None)
         if removed is not None:
             removed.cache = None  # drop the KV tensors now, not when the handler's frame goes
+            removed.attention_mask = None
             logger.info(
                 "session close session=%s steps=%d positions=%d compute=%.3fs",
                 session.short_id,
@@ -102,6 +134,39 @@ class SessionTable:
                 session.position,
                 session.compute_s,
             )
+            self._changed()
+
+    def begin_step(self, session: Session) -> None:
+        """Mark a session busy (never reclaimed while busy); refused once it was reclaimed."""
+        with self._lock:
+            if session.reclaimed:
+                raise SessionError(f"session {session.short_id} was closed after being idle too long")
+            session.busy = True
+
+    def end_step(self, session: Session) -> None:
+        with self._lock:
+            session.busy = False
+            session.last_active_s = time.monotonic()
+
+    def take_idle(self, idle_timeout_s: float) -> list[Session]:
+        """Sessions with no step for ``idle_timeout_s`` seconds, marked reclaimed: the caller cancels them."""
+        now = time.monotonic()
+        idle = []
+        with self._lock:
+            for session in self._sessions.values():
+                if (
+                    not session.busy
+                    and not session.reclaimed
+                    and now - session.last_active_s >= idle_timeout_s
+                ):
+                    session.reclaimed = True
+                    idle.append(session)
+        return idle
+
+    def _changed(self) -> None:
+        callback = self.on_change
+        if callback is not None:
+            callback()
 
 
 def _clean_client_id(client_id: str) -> str:

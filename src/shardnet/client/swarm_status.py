@@ -1,0 +1,84 @@
+"""What ``shardnet status`` prints: the servers of a model and the blocks nobody serves, from one look-up.
+
+Both forms take the look-up result (per block, the servers announcing it) as ``SwarmView.servers()``
+returns it. A server appears under every block of its span; it is listed once, with its freshest record.
+"""
+
+from __future__ import annotations
+
+from shardnet.dht import ServerState, ServerView
+from shardnet.errors import format_blocks
+
+
+def unique_servers(per_block: list[list[ServerView]]) -> list[ServerView]:
+    """Each server once (its freshest record), ordered by span then peer id."""
+    latest: dict[str, ServerView] = {}
+    for views in per_block:
+        for view in views:
+            known = latest.get(view.record.peer_id)
+            if known is None or view.expiration_time > known.expiration_time:
+                latest[view.record.peer_id] = view
+    return sorted(latest.values(), key=lambda v: (v.record.start, v.record.end, v.record.peer_id))
+
+
+def blocks_without_online_server(per_block: list[list[ServerView]], num_blocks: int) -> list[int]:
+    return [
+        block
+        for block in range(num_blocks)
+        if block >= len(per_block)
+        or not any(v.record.state == ServerState.ONLINE.value for v in per_block[block])
+    ]
+
+
+def server_entry(view: ServerView) -> dict:
+    """One server as ``status --json`` prints it."""
+    r = view.record
+    return {
+        "peer_id": r.peer_id,
+        "address": view.address,
+        "span": f"{r.start}:{r.end}",
+        "state": r.state,
+        "dtype": r.dtype,
+        "throughput": r.throughput,  # decode steps/s of the whole span, measured at start
+        "cache_tokens_free": r.cache_tokens_free,  # batch x positions
+        "cache_tokens_total": r.cache_tokens_total,  # 0 = not announced (older server)
+        "open_sessions": r.open_sessions,
+        "sessions_served": r.sessions_served,
+        "version": r.version,
+    }
+
+
+def status_document(per_block: list[list[ServerView]], model_id: str, num_blocks: int) -> dict:
+    """The JSON document of ``shardnet status --json``."""
+    return {
+        "model_id": model_id,
+        "num_blocks": num_blocks,
+        "servers": [server_entry(view) for view in unique_servers(per_block)],
+        "blocks_without_online_server": blocks_without_online_server(per_block, num_blocks),
+    }
+
+
+def render_table(per_block: list[list[ServerView]], model_id: str, num_blocks: int) -> str:
+    """The table of ``shardnet status``."""
+    servers = unique_servers(per_block)
+    lines = [f"model {model_id}: {num_blocks} blocks, {len(servers)} servers"]
+    lines.append(
+        f"{'peer':<8}{'address':<24}{'blocks':<10}{'state':<10}{'dtype':<10}{'steps/s':>9}"
+        f"{'cache free':>18}{'open':>6}{'served':>8}"
+    )
+    for view in servers:
+        r = view.record
+        cache = (
+            f"{r.cache_tokens_free}/{r.cache_tokens_total}"
+            if r.cache_tokens_total
+            else str(r.cache_tokens_free)
+        )
+        lines.append(
+            f"{view.short_id:<8}{view.address:<24}{f'{r.start}:{r.end}':<10}{r.state:<10}{r.dtype:<10}"
+            f"{r.throughput:>9.1f}{cache:>18}{r.open_sessions:>6}{r.sessions_served:>8}"
+        )
+    missing = blocks_without_online_server(per_block, num_blocks)
+    lines.append(
+        f"blocks with no online server: {format_blocks(missing)}" if missing else "all blocks covered"
+    )
+    return "\n".join(lines)

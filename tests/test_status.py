@@ -1,0 +1,129 @@
+"""`shardnet status` on a real swarm: per server load and counts, as one JSON document and as a table."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from shardnet.client.swarm_status import render_table
+from shardnet.dht import lookup, start_dht
+from shardnet.launch import LocalSwarm
+from shardnet.wire import pb, pb_grpc
+
+SPAN = (0, 4)  # of 6 blocks: 4:6 has no server
+
+
+@pytest.fixture(scope="module")
+def one_server(llama_untied, tmp_path_factory):
+    swarm = LocalSwarm(
+        llama_untied,
+        [SPAN],
+        log_dir=tmp_path_factory.mktemp("status_logs"),
+        torch_threads=1,
+        extra_args=["--announce-ttl", "3"],  # refreshed every second: small load changes show quickly
+    )
+    swarm.start(timeout_s=180)
+    dht = start_dht(swarm.initial_peers, client_mode=True)
+    yield swarm, dht
+    dht.shutdown()
+    swarm.stop()
+
+
+def _status(swarm, *flags: str) -> str:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shardnet",
+            "status",
+            "--model",
+            str(swarm.model_path),
+            "--initial-peers",
+            *swarm.initial_peers,
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_status_json_and_table_show_load_and_counts(one_server):
+    swarm, dht = one_server
+    [view] = lookup(dht, swarm.model_id, swarm.num_blocks)[SPAN[0]]
+    channel = grpc.insecure_channel(view.address)
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    responses = pb_grpc.ShardStub(channel).Inference(iter(requests.get, None), timeout=120)
+    try:
+        opened = pb.OpenSession(
+            model_id=swarm.model_id, span=pb.Span(start=0, end=4), max_length=64, batch_size=2
+        )
+        requests.put(pb.InferenceRequest(open=opened))
+        next(responses)
+        deadline = time.monotonic() + 60
+        while lookup(dht, swarm.model_id, swarm.num_blocks)[0][0].record.open_sessions != 1:
+            assert time.monotonic() < deadline, "the open session never reached the DHT record"
+            time.sleep(0.2)
+
+        document = json.loads(_status(swarm, "--json"))
+        assert document["model_id"] == swarm.model_id and document["num_blocks"] == 6
+        assert document["blocks_without_online_server"] == [4, 5]
+        [server] = document["servers"]
+        assert server["peer_id"] == view.record.peer_id and server["address"] == view.address
+        assert (server["span"], server["state"], server["dtype"]) == ("0:4", "online", "float32")
+        assert server["throughput"] > 0
+        assert server["cache_tokens_total"] == 131072
+        assert server["cache_tokens_free"] == 131072 - 2 * 64
+        assert (server["open_sessions"], server["sessions_served"]) == (1, 1)
+
+        # The table form (the CLI's default; tests/test_dht.py runs it) renders the same look-up.
+        table = render_table(lookup(dht, swarm.model_id, swarm.num_blocks), swarm.model_id, 6)
+        assert "1 servers" in table and "open" in table and "served" in table
+        assert "blocks with no online server: 4:6" in table
+        [row] = [line for line in table.splitlines() if view.address in line]
+        assert row.split()[2:4] == ["0:4", "online"] and row.split()[-2:] == ["1", "1"]
+    finally:
+        requests.put(None)
+        responses.cancel()
+        channel.close()
+
+
+def _view(peer: str, start: int, end: int, state: str = "online", expiration: float = 100.0, **fields):
+    from shardnet.dht import ServerRecord, ServerView
+
+    record = ServerRecord(
+        state=state,
+        peer_id=peer,
+        host="127.0.0.1",
+        port=5000,
+        start=start,
+        end=end,
+        dtype="float32",
+        protocol="shardnet.v1",
+        version="0.1.0",
+        throughput=2.5,
+        cache_tokens_free=fields.pop("cache_tokens_free", 100),
+        **fields,
+    )
+    return ServerView(record=record, expiration_time=expiration)
+
+
+def test_status_document_lists_each_server_once_with_its_freshest_record():
+    from shardnet.client.swarm_status import status_document
+
+    old = _view("peerA", 0, 2, open_sessions=1, expiration=100.0)
+    new = _view("peerA", 0, 2, open_sessions=3, sessions_served=7, expiration=110.0)
+    draining = _view("peerB", 2, 3, state="draining")
+    document = status_document([[old], [new], [draining]], "llama_x", 4)
+    assert [s["peer_id"] for s in document["servers"]] == ["peerA", "peerB"]
+    assert (document["servers"][0]["open_sessions"], document["servers"][0]["sessions_served"]) == (3, 7)
+    assert document["blocks_without_online_server"] == [2, 3]  # draining is not online; 3 has nobody
+    json.dumps(document)  # plain JSON types only
