@@ -6,19 +6,14 @@ returns it. A server appears under every block of its span; it is listed once, w
 
 from __future__ import annotations
 
+from shardnet.client.swarm_view import distinct_servers
 from shardnet.dht import ServerState, ServerView
 from shardnet.errors import format_blocks
 
 
 def unique_servers(per_block: list[list[ServerView]]) -> list[ServerView]:
     """Each server once (its freshest record), ordered by span then peer id."""
-    latest: dict[str, ServerView] = {}
-    for views in per_block:
-        for view in views:
-            known = latest.get(view.record.peer_id)
-            if known is None or view.expiration_time > known.expiration_time:
-                latest[view.record.peer_id] = view
-    return sorted(latest.values(), key=lambda v: (v.record.start, v.record.end, v.record.peer_id))
+    return sorted(distinct_servers(per_block), key=lambda v: (v.record.start, v.record.end, v.record.peer_id))
 
 
 def blocks_without_online_server(per_block: list[list[ServerView]], num_blocks: int) -> list[int]:

@@ -167,29 +167,6 @@ class SwarmView:
         except grpc.RpcError as exc:
             self.health.report_failure(view.record.peer_id, f"does not answer pings ({exc.code().name})")
 
-    def render(self) -> str:
-        """A table of servers and the blocks nobody serves, for ``shardnet status``."""
-        from shardnet.client.routing import missing_blocks
-        from shardnet.errors import format_blocks
-
-        servers = distinct_servers(self.servers())
-        lines = [f"model {self.model_id}: {self.num_blocks} blocks, {len(servers)} servers"]
-        lines.append(
-            f"{'peer':<14}{'address':<24}{'blocks':<10}{'state':<10}{'dtype':<10}{'steps/s':>9}{'cache free':>12}"
-        )
-        for view in sorted(servers, key=lambda v: (v.record.start, v.record.end)):
-            r = view.record
-            lines.append(
-                f"{view.short_id:<14}{view.address:<24}{f'{r.start}:{r.end}':<10}{r.state:<10}{r.dtype:<10}"
-                f"{r.throughput:>9.1f}{r.cache_tokens_free:>12}"
-            )
-        online = [v for v in servers if v.record.state == ServerState.ONLINE.value]
-        missing = missing_blocks(online, 0, self.num_blocks)
-        lines.append(
-            f"blocks with no online server: {format_blocks(missing)}" if missing else "all blocks covered"
-        )
-        return "\n".join(lines)
-
     # ---- lifetime ----
 
     def close(self) -> None:
