@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shardnet.dht import ServerRecord, ServerView
 from shardnet.errors import DemoModelMissingError
 from shardnet.launch import LocalSwarm
 from shardnet.models.demo_model import ensure_demo_model
@@ -150,3 +151,40 @@ def wait_gone(processes: list[psutil.Process], timeout_s: float = 15.0) -> list[
     while still_running(processes) and time.monotonic() < deadline:
         time.sleep(0.1)
     return [f"{p.pid} {p.name()}" for p in still_running(processes)]
+
+
+def server_view(
+    peer: str, start: int, end: int, state: str = "online", expiration: float = 100.0, **fields
+) -> ServerView:
+    """A hand-made announcement (no server behind it), for routing and status rendering tests."""
+    record = ServerRecord(
+        state=state,
+        peer_id=peer,
+        host="127.0.0.1",
+        port=5000,
+        start=start,
+        end=end,
+        dtype="float32",
+        protocol="shardnet.v1",
+        version="0.1.0",
+        throughput=fields.pop("throughput", 2.5),
+        cache_tokens_free=fields.pop("cache_tokens_free", 100),
+        **fields,
+    )
+    return ServerView(record=record, expiration_time=expiration)
+
+
+def shardnet_status(swarm: LocalSwarm, *flags: str) -> str:
+    """`shardnet status` for the swarm's model, as a user runs it; its stdout."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "shardnet", "status", "--model", str(swarm.model_path)]
+        + ["--initial-peers", *swarm.initial_peers, *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

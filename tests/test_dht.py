@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from hivemind.utils import get_dht_time
 
 from shardnet.dht import ServerRecord, block_key, lookup, start_dht
 from shardnet.dht.swarm import owned_subkey
+
+from .conftest import shardnet_status
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +65,8 @@ def test_record_schema_rejects_bad_spans():
 
 
 def test_status_lists_servers(swarm):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shardnet",
-            "status",
-            "--model",
-            str(swarm.model_path),
-            "--initial-peers",
-            *swarm.initial_peers,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"{len(swarm.spans)} servers" in result.stdout
+    stdout = shardnet_status(swarm)
+    assert f"{len(swarm.spans)} servers" in stdout
     for start, end in swarm.spans:
-        assert f"{start}:{end}" in result.stdout
-    assert "all blocks covered" in result.stdout
+        assert f"{start}:{end}" in stdout
+    assert "all blocks covered" in stdout

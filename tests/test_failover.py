@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
+import grpc
 import psutil
 import pytest
 import torch
@@ -19,8 +18,9 @@ import torch
 from shardnet import ShardedModel
 from shardnet.errors import InvalidRequestError, RouteNotFoundError
 from shardnet.launch import LocalSwarm
+from shardnet.wire import pb, pb_grpc
 
-from .conftest import OnToken, reference, serving_process, wait_gone
+from .conftest import OnToken, reference, serving_process, shardnet_status, wait_gone
 
 NEW_TOKENS = 20
 KILL_AFTER = 5
@@ -212,15 +212,38 @@ def test_group_sigterm_during_generation_drains_and_the_tokens_stay_the_same(lla
         assert process.wait(timeout=drain_s + 15) == 0
         assert time.monotonic() - stopped["at"] < drain_s + 15
         assert wait_gone(stopped["tree"]) == [], "processes of the stopped server still running"
-        status = subprocess.run(
-            [sys.executable, "-m", "shardnet", "status", "--model", str(swarm.model_path)]
-            + ["--initial-peers", *swarm.initial_peers],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        status = shardnet_status(swarm)
         address = stopped["hop"].server.address
-        lines = [line for line in status.stdout.splitlines() if address in line]
-        assert all("online" not in line for line in lines), status.stdout
+        lines = [line for line in status.splitlines() if address in line]
+        assert all("online" not in line for line in lines), status
     finally:
         swarm.stop()
+
+
+def test_a_session_reclaimed_while_idle_is_reopened_transparently(llama_untied, local, tmp_path):
+    """The server closes a session idle past --session-idle-timeout; the conversation goes on, exactly."""
+    swarm = LocalSwarm(
+        llama_untied, [(0, 6)], log_dir=tmp_path, torch_threads=1, extra_args=["--session-idle-timeout", "1"]
+    )
+    swarm.start(timeout_s=180)
+    try:
+        generator = torch.Generator().manual_seed(7)
+        prompt = torch.randint(3, 256, (1, 6), generator=generator)
+        more = torch.randint(3, 256, (1, 4), generator=generator)
+        with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers) as model:
+            with model.inference_session(max_length=64) as session:
+                first = model.generate(prompt, max_new_tokens=6)
+                address = session.route[0].server.address
+                with grpc.insecure_channel(address) as channel:
+                    stub = pb_grpc.ShardStub(channel)
+                    deadline = time.monotonic() + 60
+                    while stub.Info(pb.InfoRequest(), timeout=10).open_sessions:
+                        assert time.monotonic() < deadline, "the idle session was never reclaimed"
+                        time.sleep(0.2)
+                second = model.generate(more, max_new_tokens=6)
+                assert session.chain.failovers == 1
+    finally:
+        swarm.stop()
+    concatenated = torch.cat([first, more], dim=1)
+    want = local.generate(concatenated, max_new_tokens=6, do_sample=False)
+    assert second[:, 4:].tolist() == want[:, concatenated.shape[1] :].tolist()

@@ -10,29 +10,18 @@ import torch
 
 from shardnet.client.history import GrowingBuffer
 from shardnet.client.routing import CostModel, HopCost, cheapest_route, hop_costs, missing_blocks
-from shardnet.dht import ServerRecord, ServerView
+from shardnet.dht import ServerView
 from shardnet.errors import GenerationError
+
+from .conftest import server_view
 
 NO_JITTER = CostModel(jitter=0.0)
 
 
 def server(peer: str, start: int, end: int, throughput: float = 10.0, **fields) -> ServerView:
-    record = ServerRecord(
-        state="online",
-        peer_id=peer,
-        host="127.0.0.1",
-        port=5000,
-        start=start,
-        end=end,
-        dtype="float32",
-        protocol="shardnet.v1",
-        version="0.1.0",
-        throughput=throughput,
-        cache_tokens_free=fields.pop("cache_tokens_free", 1000),
-        cache_tokens_total=fields.pop("cache_tokens_total", 1000),
-        **fields,
-    )
-    return ServerView(record=record, expiration_time=0.0)
+    fields.setdefault("cache_tokens_free", 1000)
+    fields.setdefault("cache_tokens_total", 1000)
+    return server_view(peer, start, end, throughput=throughput, **fields)
 
 
 def spans(route) -> list[tuple[str, int, int]]:

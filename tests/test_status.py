@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import subprocess
-import sys
 import time
 
 import grpc
@@ -15,6 +13,8 @@ from shardnet.client.swarm_status import render_table
 from shardnet.dht import lookup, start_dht
 from shardnet.launch import LocalSwarm
 from shardnet.wire import pb, pb_grpc
+
+from .conftest import server_view, shardnet_status
 
 SPAN = (0, 4)  # of 6 blocks: 4:6 has no server
 
@@ -35,27 +35,6 @@ def one_server(llama_untied, tmp_path_factory):
     swarm.stop()
 
 
-def _status(swarm, *flags: str) -> str:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shardnet",
-            "status",
-            "--model",
-            str(swarm.model_path),
-            "--initial-peers",
-            *swarm.initial_peers,
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def test_status_json_and_table_show_load_and_counts(one_server):
     swarm, dht = one_server
     [view] = lookup(dht, swarm.model_id, swarm.num_blocks)[SPAN[0]]
@@ -73,7 +52,7 @@ def test_status_json_and_table_show_load_and_counts(one_server):
             assert time.monotonic() < deadline, "the open session never reached the DHT record"
             time.sleep(0.2)
 
-        document = json.loads(_status(swarm, "--json"))
+        document = json.loads(shardnet_status(swarm, "--json"))
         assert document["model_id"] == swarm.model_id and document["num_blocks"] == 6
         assert document["blocks_without_online_server"] == [4, 5]
         [server] = document["servers"]
@@ -96,32 +75,12 @@ def test_status_json_and_table_show_load_and_counts(one_server):
         channel.close()
 
 
-def _view(peer: str, start: int, end: int, state: str = "online", expiration: float = 100.0, **fields):
-    from shardnet.dht import ServerRecord, ServerView
-
-    record = ServerRecord(
-        state=state,
-        peer_id=peer,
-        host="127.0.0.1",
-        port=5000,
-        start=start,
-        end=end,
-        dtype="float32",
-        protocol="shardnet.v1",
-        version="0.1.0",
-        throughput=2.5,
-        cache_tokens_free=fields.pop("cache_tokens_free", 100),
-        **fields,
-    )
-    return ServerView(record=record, expiration_time=expiration)
-
-
 def test_status_document_lists_each_server_once_with_its_freshest_record():
     from shardnet.client.swarm_status import status_document
 
-    old = _view("peerA", 0, 2, open_sessions=1, expiration=100.0)
-    new = _view("peerA", 0, 2, open_sessions=3, sessions_served=7, expiration=110.0)
-    draining = _view("peerB", 2, 3, state="draining")
+    old = server_view("peerA", 0, 2, open_sessions=1, expiration=100.0)
+    new = server_view("peerA", 0, 2, open_sessions=3, sessions_served=7, expiration=110.0)
+    draining = server_view("peerB", 2, 3, state="draining")
     document = status_document([[old], [new], [draining]], "llama_x", 4)
     assert [s["peer_id"] for s in document["servers"]] == ["peerA", "peerB"]
     assert (document["servers"][0]["open_sessions"], document["servers"][0]["sessions_served"]) == (3, 7)
