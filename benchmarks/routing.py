@@ -36,12 +36,13 @@ route, and whether the target (route computation p95 under --target-ms, 10 ms) i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -310,16 +311,13 @@ def spread_ms(name: str, seconds: Sequence[float]) -> dict:
     }
 
 
-def bench_swarm(count: int, keys: Sequence[RSAPrivateKey], args: argparse.Namespace) -> dict:
-    rng = random.Random(args.seed * 1000 + count)
-    servers = fake_servers(keys[:count], args.unusable, rng)
-    model_id = f"bench{NUM_BLOCKS}_n{count}"
-    ttl_s = args.time_limit_s + 60  # records outlive the run; nothing re-announces them
+@contextlib.contextmanager
+def simulated_swarm(servers: Sequence[FakeServer], model_id: str, ttl_s: float) -> Iterator[hivemind.DHT]:
+    """A bootstrap node, an injector that announces every fake server, and a client-mode node (yielded)."""
     nodes: list[hivemind.DHT] = []
     try:
-        bootstrap = start_dht(host="127.0.0.1")
-        nodes.append(bootstrap)
-        peers = visible_maddrs(bootstrap)
+        nodes.append(start_dht(host="127.0.0.1"))
+        peers = visible_maddrs(nodes[0])
         injector = hivemind.DHT(
             initial_peers=peers,
             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
@@ -327,16 +325,30 @@ def bench_swarm(count: int, keys: Sequence[RSAPrivateKey], args: argparse.Namesp
                 MultiKeySigner([server.key for server in servers]),
                 schema_validator(model_id, NUM_BLOCKS),
             ],
-            start=True,
+            start=False,
         )
         nodes.append(injector)
+        injector.run_in_background(await_ready=True, timeout=120)
+        # The client's node exactly as SwarmView.connect starts it: its validators check every record read.
         client = start_dht(peers, client_mode=True, model_id=model_id, num_blocks=NUM_BLOCKS)
         nodes.append(client)
         began = time.perf_counter()
         stored = inject(injector, model_id, servers, ttl_s)
-        inject_s = time.perf_counter() - began
-        logger.info("N=%d: %d records stored in %.1fs", count, stored, inject_s)
+        logger.info("N=%d: %d records stored in %.1fs", len(servers), stored, time.perf_counter() - began)
+        yield client
+    finally:
+        for node in reversed(nodes):
+            node.shutdown()
 
+
+def bench_swarm(count: int, keys: Sequence[RSAPrivateKey], args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed * 1000 + count)
+    servers = fake_servers(keys[:count], args.unusable, rng)
+    model_id = f"bench{NUM_BLOCKS}_n{count}"
+    ttl_s = args.time_limit_s + 60  # records outlive the run; nothing re-announces them
+    began = time.perf_counter()
+    with simulated_swarm(servers, model_id, ttl_s) as client:
+        setup_s = time.perf_counter() - began
         lookup(client, model_id, NUM_BLOCKS)  # warm-up: connections, routing tables
         lookup_s, found = timed(lambda: lookup(client, model_id, NUM_BLOCKS), args.lookups)
         per_block = found[-1]
@@ -359,9 +371,6 @@ def bench_swarm(count: int, keys: Sequence[RSAPrivateKey], args: argparse.Namesp
         for costs in all_costs[: args.optimal_checks]:
             route = cheapest_route(usable, costs, 0, NUM_BLOCKS)
             optimal_ok += math.isclose(route_cost(route, usable, costs), brute_force_cost(usable, costs))
-    finally:
-        for node in reversed(nodes):
-            node.shutdown()
 
     hops = [len(route) for route in routes if route]
     route_p95_ms = harness.ms(harness.percentile(route_s, 95))
@@ -376,7 +385,7 @@ def bench_swarm(count: int, keys: Sequence[RSAPrivateKey], args: argparse.Namesp
         records_seen=sum(len(views) for views in per_block),
         servers_per_block_min=min(len(views) for views in per_block),
         span_len_p50=harness.median([s.record.end - s.record.start for s in servers]),
-        inject_s=round(inject_s, 3),
+        setup_s=round(setup_s, 3),
         lookups=args.lookups,
         **spread_ms("lookup", lookup_s),
         routes=args.routes,
