@@ -59,7 +59,7 @@ class ClientRun:
     finished: float  # when the call returned
     tokens: torch.Tensor  # [1, prompt + new]
     route: list[str]  # the servers it ran on, as server labels
-    prompt_len: int
+    prompt_len: int  # tokens of the prompt, before the new ones
 
     @property
     def new_tokens(self) -> int:
