@@ -20,5 +20,10 @@ python benchmarks/forward.py --model smollm2 --servers 2 --shapes 1x512 8x128 --
 python benchmarks/memory.py spans --model mid --spans 0:1 0:2 0:4 0:8 0:16 \
     --plot "$OUT/memory_mid.png" > "$OUT/memory.jsonl"
 python benchmarks/memory.py 13b --blocks 0:4 --steps 16 >> "$OUT/memory.jsonl"
+# Load: threads of one client process on the servers of one machine, so tokens/s here says how the swarm
+# shares out the work, not what separate machines would reach.
+python benchmarks/load.py --model mid --clients 1 4 16 --new-tokens 32 \
+    --plot "$OUT/load_mid.png" > "$OUT/load_mid.jsonl"
+python benchmarks/routing.py --servers 50 120 250 --plot "$OUT/routing.png" > "$OUT/routing.jsonl"
 python benchmarks/summary.py "$OUT"/hops_smollm2.jsonl "$OUT"/hops_mid.jsonl "$OUT"/hops_tiny.jsonl \
     --plot "$OUT/summary.png" > "$OUT/summary.md"
