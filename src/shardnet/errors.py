@@ -34,6 +34,13 @@ class DHTStartError(ShardnetError):
     retryable = True
 
 
+class DHTLookupError(ShardnetError):
+    """The local DHT node did not answer a look-up in time (stuck, overloaded or gone)."""
+
+    status_name = "UNAVAILABLE"
+    retryable = True
+
+
 class InvalidRequestError(ShardnetError, ValueError):
     """A request is malformed: wrong shape, dtype, span, position or size. Never retried."""
 

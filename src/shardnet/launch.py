@@ -109,7 +109,9 @@ class LocalSwarm:
         ]
         if self.torch_threads:
             args += ["--torch-threads", str(self.torch_threads)]
-        process = self._spawn(args, f"server_{start}_{end}")
+        name = f"server_{start}_{end}"
+        copies = sum(1 for p in self.servers if p.args[7] == f"{start}:{end}")
+        process = self._spawn(args, name if not copies else f"{name}.{copies}")  # replicas: .1, .2, ...
         self.servers.append(process)
         return process
 

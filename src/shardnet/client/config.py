@@ -18,7 +18,7 @@ class ClientConfig:
     route_timeout_s: float = 30.0  # how long to wait for usable servers covering the blocks needed
     request_timeout_s: float = 120.0  # a server that does not answer one step or forward in time has failed
     max_retries: int = 3  # failovers allowed for one step (or one forward) before its error is raised
-    refresh_interval_s: float = 5.0  # how often the swarm view is refreshed in the background
+    refresh_interval_s: float = 10.0  # how often the swarm view is refreshed in the background
     max_message_bytes: int = 256 * 1024 * 1024  # largest gRPC message sent or received, bytes
     allowed_servers: frozenset[str] | None = None  # if set, only these peer ids are routed to
     blocked_servers: frozenset[str] = frozenset()  # peer ids never routed to

@@ -56,9 +56,11 @@ class ShardedModel:
         self.client_config = client_config
         self.health = swarm.health
         self.planner = RoutePlanner(swarm, self.health, client_config)
-        self.last_route: list[RouteHop] = []  # the route of the most recent call or session, any thread
         self._conversation: contextvars.ContextVar[Conversation | None] = contextvars.ContextVar(
             f"shardnet_conversation_{id(self)}", default=None
+        )
+        self._last_route: contextvars.ContextVar[tuple[RouteHop, ...]] = contextvars.ContextVar(
+            f"shardnet_last_route_{id(self)}", default=()
         )
 
     @classmethod
@@ -75,7 +77,7 @@ class ShardedModel:
         route_timeout_s: float = 30.0,
         request_timeout_s: float = 120.0,
         max_retries: int = 3,
-        refresh_interval_s: float = 5.0,
+        refresh_interval_s: float = 10.0,
         max_message_bytes: int = 256 * 1024 * 1024,
     ) -> ShardedModel:
         """Load the client-side weights from a local model folder and join the swarm.
@@ -105,12 +107,26 @@ class ShardedModel:
         except OSError:
             generation_config = GenerationConfig.from_model_config(config)
         # The DHT first: hivemind forks its process, which must happen before gRPC channels exist.
+        transport = Transport(max_message_bytes)  # no channel exists before the first call
         swarm = SwarmView.connect(
-            model_path, initial_peers, model_id=model_id, dht=dht, health=ServerHealth.shared()
+            model_path,
+            initial_peers,
+            model_id=model_id,
+            dht=dht,
+            health=ServerHealth.shared(),
+            transport=transport,
+            refresh_interval_s=refresh_interval_s,
         )
-        swarm.transport = transport = Transport(max_message_bytes)
-        swarm.refresh_interval_s = refresh_interval_s
         return cls(config, generation_config, head, swarm, transport, client_config)
+
+    @property
+    def last_route(self) -> list[RouteHop]:
+        """The route of this thread's (or asyncio task's) most recent call or session."""
+        return list(self._last_route.get())
+
+    @last_route.setter
+    def last_route(self, route: list[RouteHop]) -> None:
+        self._last_route.set(tuple(route))
 
     @property
     def model_id(self) -> str:

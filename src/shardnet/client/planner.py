@@ -19,7 +19,7 @@ from shardnet.client.health import ServerHealth
 from shardnet.client.routing import CostModel, RouteHop, cheapest_route, hop_costs, missing_blocks
 from shardnet.client.swarm_view import SwarmView
 from shardnet.dht import ServerState, ServerView
-from shardnet.errors import RouteNotFoundError
+from shardnet.errors import RouteNotFoundError, ShardnetError
 from shardnet.wire import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,10 @@ class RoutePlanner:
             wait = min(delay, deadline - now, unban + 0.01 if unban is not None else delay)
             time.sleep(max(wait, 0.01))
             delay = min(delay * 2, 2.0)
-            self.view.refresh(max_age_s=delay / 2)
+            try:
+                self.view.refresh(max_age_s=delay / 2)
+            except ShardnetError as exc:  # keep the last snapshot and go on waiting
+                logger.warning("swarm refresh failed while waiting for a route: %s", exc)
 
     def _not_found(
         self, start: int, end: int, needs: SessionNeeds, exclude: frozenset[str]

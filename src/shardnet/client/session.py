@@ -167,7 +167,12 @@ class InferenceSession:
             self._health.report_failure(hop.peer_id, str(error))
             self._failed_peers.add(hop.peer_id)
         # Off the per-token path: look again now, so a server that announced DRAINING is passed over.
-        self._planner.view.refresh(max_age_s=1.0)
+        try:
+            self._planner.view.refresh(max_age_s=1.0)
+        except ShardnetError as exc:
+            logger.warning(
+                "session=%s: swarm refresh failed, routing on the last view: %s", self.short_id, exc
+            )
 
     def _open(self, start: int, end: int, replay: _Replay | None) -> tuple[list[_Hop], torch.Tensor | None]:
         """Open sessions covering blocks start:end, replaying into each; returns them and the last output."""

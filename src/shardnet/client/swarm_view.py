@@ -54,7 +54,7 @@ class SwarmView:
         owns_dht: bool,
         health: ServerHealth | None = None,
         transport: Transport | None = None,
-        refresh_interval_s: float = 5.0,
+        refresh_interval_s: float = 10.0,
         ping_interval_s: float = 60.0,
         ping_timeout_s: float = 2.0,
     ):

@@ -18,9 +18,10 @@ from hivemind.utils import get_dht_time
 
 from shardnet.dht.records import ServerRecord, ServerView, block_key, parse_record, schema_validator
 from shardnet.dht.tether import TetheredDHT
-from shardnet.errors import ConfigError, DHTStartError
+from shardnet.errors import ConfigError, DHTLookupError, DHTStartError
 
 logger = logging.getLogger(__name__)
+LOOKUP_TIMEOUT_S = 60.0  # a look-up taking longer is treated as failed (the node is stuck or gone)
 ANNOUNCE_TIMEOUT_S = 10.0  # a store taking longer went nowhere (p2pd killed?); the next one retries
 _LIVENESS_CHECK_S = 0.5  # while waiting for the DHT process, check this often that it is still alive
 
@@ -133,10 +134,19 @@ def _owned_by(subkey: object, record: ServerRecord) -> bool:
     return True
 
 
-def lookup(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[list[ServerView]]:
-    """For each block, the servers that announced it and whose record is valid and unexpired."""
+def lookup(
+    dht: hivemind.DHT, model_id: str, num_blocks: int, timeout_s: float = LOOKUP_TIMEOUT_S
+) -> list[list[ServerView]]:
+    """For each block, the servers that announced it and whose record is valid and unexpired.
+
+    Raises DHTLookupError if the DHT process gives no answer within ``timeout_s`` (or is gone), so a
+    caller never waits forever on a stuck node.
+    """
     keys = [block_key(model_id, block) for block in range(num_blocks)]
-    found = dht.run_coroutine(partial(_get_many, keys))
+    future = dht.run_coroutine(partial(_get_many, keys), return_future=True)
+    found = _result_while_alive(dht, future, timeout_s)
+    if found is None:
+        raise DHTLookupError(f"the DHT node gave no answer to a look-up of {model_id} within {timeout_s:g}s")
     now = get_dht_time()
     per_block: list[list[ServerView]] = []
     for key in keys:

@@ -67,7 +67,6 @@ class Server:
         self.runtime = ServerRuntime(
             SessionTable(config.max_cache_tokens, config.max_sessions), config.max_message_bytes
         )
-        self.throughput = 0.0
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -84,7 +83,7 @@ class Server:
             dtype=self.config.dtype,
             protocol=PROTOCOL_VERSION,
             version=__version__,
-            throughput=float(self.throughput),
+            throughput=self.runtime.backend.throughput.steps_per_s if self.runtime.backend else 0.0,
             cache_tokens_free=max(self.runtime.sessions.cache_tokens_free, 0),
             cache_tokens_total=self.runtime.sessions.max_cache_tokens,
             open_sessions=len(self.runtime.sessions),
@@ -151,7 +150,7 @@ class Server:
             await announcer.announce_now()  # JOINING
             began = time.perf_counter()
             self.runtime.backend = await asyncio.to_thread(self._load_backend)
-            self.throughput = await asyncio.to_thread(self.runtime.backend.measure_throughput)
+            throughput = await asyncio.to_thread(self.runtime.backend.probe_throughput)
             self.runtime.state = ServerState.ONLINE
             await announcer.announce_now()
             announcer.start()
@@ -167,7 +166,7 @@ class Server:
                 self.port,
                 maddrs[0] if maddrs else "?",
                 time.perf_counter() - began,
-                self.throughput,
+                throughput,
             )
             await self._stop.wait()
             await self._drain(announcer)

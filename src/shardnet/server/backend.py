@@ -12,6 +12,7 @@ from shardnet.errors import InvalidRequestError, ModelMismatchError
 from shardnet.models import SpanInputs, SpanModule
 from shardnet.server.fair_lock import FairLock
 from shardnet.server.sessions import Session
+from shardnet.server.throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class SpanBackend:
         self.limits = limits
         self.max_chunk_tokens = max_chunk_tokens
         self.compute_lock = FairLock()
+        self.throughput = ThroughputMeter(limits.end - limits.start)
 
     # ---- checks (cheap, before any work) ----
 
@@ -162,6 +164,7 @@ class SpanBackend:
             outs.append(out)
             compute_s += chunk_s
         session.steps += 1
+        self.throughput.observe(compute_s, session.end - session.start, batch, new)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), compute_s  # [batch, new, hidden]
 
     def chunk_positions(self, batch: int) -> int:
@@ -181,14 +184,14 @@ class SpanBackend:
         out = out.to(wire_dtype)
         return out, time.perf_counter() - began
 
-    def measure_throughput(self, repeats: int = 3) -> float:
-        """Decode steps per second of the whole span at batch 1 (announced, used to rank servers)."""
+    def probe_throughput(self) -> float:
+        """Time whole-span decode steps at batch 1 to start the announced throughput; returns steps/s."""
         cache = self.span.new_cache()
         hidden = torch.zeros(1, 1, self.limits.hidden_size, dtype=self.dtype)  # [batch, new, hidden]
-        best = float("inf")
-        for position in range(repeats):
+
+        def run_step(position: int) -> None:
             inputs = SpanInputs(None, torch.tensor([[position]]))
-            began = time.perf_counter()
             self.span.run(hidden, inputs, cache, self.limits.start, self.limits.end)
-            best = min(best, time.perf_counter() - began)
-        return 1.0 / max(best, 1e-6)
+
+        self.throughput.probe(run_step)
+        return self.throughput.steps_per_s
