@@ -56,14 +56,14 @@ def test_eight_clients_on_two_replicas_per_span(replicas, local):
     models = [ShardedModel.from_pretrained(replicas.model_path, dht=dht) for _ in range(8)]
     try:
         prompts = _prompts(8)
+
+        def generate(model, ids):  # the route is per thread: read it in the thread that generated
+            return model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), model.last_route
+
         with ThreadPoolExecutor(8) as pool:
-            outputs = list(
-                pool.map(
-                    lambda pair: pair[0].generate(pair[1], max_new_tokens=NEW_TOKENS, do_sample=False),
-                    zip(models, prompts, strict=True),
-                )
-            )
-        peers_used = {hop.peer_id for model in models for hop in model.last_route}
+            results = list(pool.map(generate, models, prompts))
+        outputs = [output for output, _ in results]
+        peers_used = {hop.peer_id for _, route in results for hop in route}
         servers = {view.record.peer_id: view for views in models[0].swarm.servers() for view in views}
     finally:
         for model in models:

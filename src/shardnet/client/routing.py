@@ -1,8 +1,9 @@
 """Choosing the chain of servers with the least expected time per token. Pure functions, no I/O.
 
 Running blocks ``a:b`` on server ``s`` costs one hop, ``fixed_s`` (its round-trip time plus a per-request
-overhead), and ``per_block_s`` for each block (its announced compute time per block, scaled up by its
-load). A route may use any part of a server's span, so the cheapest chain over blocks ``start:end`` is a
+overhead), and ``per_block_s`` for each block (its announced compute time per block). A server does one
+step at a time, so everything it does for a step (the overhead and the compute, not the network) is
+scaled up by its load: a step waits behind the steps of its other sessions. A route may use any part of a server's span, so the cheapest chain over blocks ``start:end`` is a
 shortest path over block boundaries; since a hop's cost is linear in its length, one sweep over the
 boundaries finds it in O(sum of the servers' span lengths).
 
@@ -79,15 +80,16 @@ def hop_costs(
             block_s = 1.0 / (record.throughput * (record.end - record.start))
         else:
             block_s = typical_block_s
-        # Without batching, a step waits behind the other sessions' steps: cost grows with the sessions
-        # (the larger of the announced count and this process's own, which is never stale).
+        # Without batching, a step waits behind the other sessions' steps: its server-side time grows
+        # with the sessions (the larger of the announced count and this process's own, never stale).
         sessions = max(record.open_sessions, local_sessions.get(record.peer_id, 0))
         load = 1.0 + sessions
         if record.cache_tokens_total > 0:
             load *= 2.0 - min(record.cache_tokens_free / record.cache_tokens_total, 1.0)
         factor = 1.0 + rng.uniform(-model.jitter, model.jitter)
         rtt_s = rtts.get(record.peer_id, model.default_rtt_s)
-        costs.append(HopCost((rtt_s + model.hop_overhead_s) * factor, block_s * load * factor))
+        fixed_s = rtt_s + model.hop_overhead_s * load
+        costs.append(HopCost(fixed_s * factor, block_s * load * factor))
     return costs
 
 

@@ -164,7 +164,6 @@ class SpanBackend:
             outs.append(out)
             compute_s += chunk_s
         session.steps += 1
-        self.throughput.observe(compute_s, session.end - session.start, batch, new)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), compute_s  # [batch, new, hidden]
 
     def chunk_positions(self, batch: int) -> int:
@@ -193,5 +192,4 @@ class SpanBackend:
             inputs = SpanInputs(None, torch.tensor([[position]]))
             self.span.run(hidden, inputs, cache, self.limits.start, self.limits.end)
 
-        self.throughput.probe(run_step)
-        return self.throughput.steps_per_s
+        return self.throughput.probe(run_step)
