@@ -10,6 +10,7 @@ import torch
 from shardnet.errors import ConfigError
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+QUANT_MODES = ("none", "int8", "nf4")  # weight-only quantization a server may announce
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ClientConfig:
     max_message_bytes: int = 256 * 1024 * 1024  # largest gRPC message sent or received, bytes
     allowed_servers: frozenset[str] | None = None  # if set, only these peer ids are routed to
     blocked_servers: frozenset[str] = frozenset()  # peer ids never routed to
+    quant: frozenset[str] = frozenset({"none"})  # quantizations of servers routed through (none = exact)
 
     def __post_init__(self) -> None:
         if self.dtype not in WIRE_DTYPES:
@@ -33,6 +35,11 @@ class ClientConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be 0 or more, got {self.max_retries!r}")
+        unknown = set(self.quant) - set(QUANT_MODES)
+        if not self.quant or unknown:
+            raise ConfigError(
+                f"quant must name some of {', '.join(QUANT_MODES)} (or 'any'), got {sorted(self.quant)}"
+            )
         if self.max_message_bytes < 1024:
             raise ConfigError(f"max_message_bytes must be at least 1024, got {self.max_message_bytes!r}")
 
@@ -48,3 +55,10 @@ def peer_set(peers: Iterable[str] | str | None, name: str) -> frozenset[str] | N
     if isinstance(peers, str):
         raise ConfigError(f"{name} takes a list of peer ids, not one string: [{peers!r}]")
     return frozenset(str(peer) for peer in peers)
+
+
+def quant_set(quant: str | Iterable[str]) -> frozenset[str]:
+    """``quant=`` as given by a user: one mode, several, or "any"."""
+    if isinstance(quant, str):
+        return frozenset(QUANT_MODES) if quant == "any" else frozenset({quant})
+    return frozenset(str(mode) for mode in quant)

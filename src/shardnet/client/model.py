@@ -14,7 +14,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from shardnet.client import generation
-from shardnet.client.config import ClientConfig, peer_set
+from shardnet.client.config import ClientConfig, peer_set, quant_set
 from shardnet.client.conversation import Conversation
 from shardnet.client.forward import forward_through_swarm
 from shardnet.client.health import ServerHealth
@@ -74,6 +74,7 @@ class ShardedModel:
         dht: hivemind.DHT | None = None,
         allowed_servers: Iterable[str] | None = None,
         blocked_servers: Iterable[str] | None = None,
+        quant: str | Iterable[str] = "none",
         route_timeout_s: float = 30.0,
         request_timeout_s: float = 120.0,
         max_retries: int = 3,
@@ -84,7 +85,8 @@ class ShardedModel:
 
         ``dtype`` is the dtype of the local parts and of the activations sent; only servers computing in
         the same dtype are used. ``allowed_servers`` / ``blocked_servers``: peer ids (base58) to use
-        exclusively / never. ``route_timeout_s``: how long to wait for usable servers covering the blocks.
+        exclusively / never. ``quant``: quantizations of servers to route through: "none" (exact
+        weights, the default), "int8", "nf4", several of them, or "any". ``route_timeout_s``: how long to wait for usable servers covering the blocks.
         ``request_timeout_s``: a server that does not answer one step (or forward) in time counts as
         failed, and the session fails over. ``max_retries``: failovers allowed per step.
         """
@@ -97,6 +99,7 @@ class ShardedModel:
             max_message_bytes=max_message_bytes,
             allowed_servers=peer_set(allowed_servers, "allowed_servers"),
             blocked_servers=peer_set(blocked_servers, "blocked_servers") or frozenset(),
+            quant=quant_set(quant),
         )
         if not initial_peers and dht is None:
             raise ConfigError("initial_peers is empty: pass the multiaddrs printed by `shardnet dht`")

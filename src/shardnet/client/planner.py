@@ -61,6 +61,8 @@ class RoutePlanner:
             return f"protocol {record.protocol}"
         if record.dtype != config.dtype_name:
             return f"dtype {record.dtype}"
+        if record.quant not in config.quant:
+            return f"quant {record.quant}"
         if config.allowed_servers is not None and record.peer_id not in config.allowed_servers:
             return "not in allowed_servers"
         if record.peer_id in config.blocked_servers:

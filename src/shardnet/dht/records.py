@@ -48,6 +48,7 @@ class ServerRecord(pydantic.BaseModel):
     sessions_served: pydantic.conint(strict=True, ge=0) = 0  # sessions opened since the server started
     max_length: pydantic.conint(strict=True, ge=0) = 0  # longest session, positions; 0 = not announced
     max_batch_size: pydantic.conint(strict=True, ge=0) = 0  # largest batch accepted; 0 = not announced
+    quant: pydantic.constr(strict=True, regex="^(none|int8|nf4)$") = "none"  # weight-only quantization
 
     @pydantic.validator("end")
     def _end_after_start(cls, end: int, values: dict) -> int:  # noqa: N805

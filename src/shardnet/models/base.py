@@ -14,6 +14,7 @@ from shardnet.errors import ModelLoadError
 from shardnet.models.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,15 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def load_span(
-        self, checkpoint: Checkpoint, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype
+        self,
+        checkpoint: Checkpoint,
+        config: PretrainedConfig,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        device: torch.device = CPU,
     ) -> SpanModule:
-        """Build blocks ``start:end`` and load only their weights."""
+        """Build blocks ``start:end`` on ``device`` and load only their weights, straight onto it."""
 
     @abstractmethod
     def load_head(self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> ClientHead:

@@ -97,8 +97,12 @@ class Checkpoint:
     def has(self, key: str) -> bool:
         return key in self._file_for_key
 
-    def read(self, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Read only ``keys``, file by file; cast floating tensors to ``dtype`` one tensor at a time."""
+    def read(
+        self, keys: Iterable[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Read only ``keys``, file by file, straight onto ``device`` (safetensors copies each tensor
+        there from the mapped file, never through a CPU copy of the whole span); cast floating tensors to
+        ``dtype`` one tensor at a time."""
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             if key not in self._file_for_key:
@@ -106,7 +110,7 @@ class Checkpoint:
             by_file.setdefault(self._file_for_key[key], []).append(key)
         tensors: dict[str, torch.Tensor] = {}
         for file, file_keys in by_file.items():
-            with safe_open(file, framework="pt") as handle:
+            with safe_open(file, framework="pt", device=str(device)) as handle:
                 for key in file_keys:
                     tensor = handle.get_tensor(key)
                     if dtype is not None and tensor.is_floating_point():
@@ -115,9 +119,12 @@ class Checkpoint:
         return tensors
 
     def read_prefixed(
-        self, prefix_for: Callable[[str], str | None], dtype: torch.dtype | None
+        self,
+        prefix_for: Callable[[str], str | None],
+        dtype: torch.dtype | None,
+        device: torch.device | str = "cpu",
     ) -> dict[str, torch.Tensor]:
         """Read every tensor whose name ``prefix_for`` maps to a new name (None = skip), under that name."""
         renames = {key: new for key in self._file_for_key if (new := prefix_for(key)) is not None}
-        loaded = self.read(renames, dtype)
+        loaded = self.read(renames, dtype, device)
         return {renames[key]: tensor for key, tensor in loaded.items()}

@@ -16,7 +16,15 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from shardnet.models.base import ClientHead, ModelAdapter, SpanInputs, SpanModule, load_module_state, register
+from shardnet.models.base import (
+    CPU,
+    ClientHead,
+    ModelAdapter,
+    SpanInputs,
+    SpanModule,
+    load_module_state,
+    register,
+)
 from shardnet.models.checkpoint import Checkpoint
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -99,7 +107,13 @@ class LlamaAdapter(ModelAdapter):
     model_types = ("llama",)
 
     def load_span(
-        self, checkpoint: Checkpoint, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype
+        self,
+        checkpoint: Checkpoint,
+        config: PretrainedConfig,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        device: torch.device = CPU,
     ) -> LlamaSpan:
         span = LlamaSpan(config, start, end)
 
@@ -109,9 +123,9 @@ class LlamaAdapter(ModelAdapter):
                 return f"{int(match.group(1)) - start}.{match.group(2)}"
             return None
 
-        state = checkpoint.read_prefixed(local_name, dtype)
+        state = checkpoint.read_prefixed(local_name, dtype, device)
         load_module_state(span.layers, state, f"blocks {start}:{end}")
-        return span.eval()
+        return span.to(device).eval()  # the weights are there already; this moves the rotary buffers
 
     def load_head(self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> LlamaHead:
         head = LlamaHead(config)
