@@ -86,3 +86,13 @@ def test_status_needs_peers(llama_24, monkeypatch):
 @pytest.mark.parametrize(("flag", "value"), [("--session-idle-timeout", "0"), ("--max-chunk-tokens", "0")])
 def test_bad_pressure_limits(llama_24, flag, value):
     _assert_one_line_error(_run("serve", "--model", str(llama_24), "--blocks", "0:1", flag, value), flag)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(tmp_path)
+    result = _run("serve", "--model", str(tmp_path), "--blocks", "0:1")
+    _assert_one_line_error(result, "'bert' is not supported", "llama", "gemma3_text", "gpt2", "qwen2_moe")

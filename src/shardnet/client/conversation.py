@@ -91,7 +91,7 @@ class Conversation:
         positions = (counts - 1).masked_fill(new_mask == 0, 0)
         self.padded = self.padded or bool((new_mask == 0).any())
         send_mask = new_mask if self.padded else None
-        hidden = self.head.embed(self.pending).to(self.dtype)  # [batch, new, hidden]
+        hidden = self.head.embed(self.pending, positions).to(self.dtype)  # [batch, new, hidden]
         hidden = self.chain.step(hidden, send_mask, positions)
         self.step_timings.append(self.chain.last_timings)
         self.sent = self.ids.shape[1]

@@ -211,7 +211,9 @@ class ShardedModel:
             logits = conversation.flush(last_only=False)
             self.last_route = conversation.route
             return CausalLMOutputWithPast(logits=logits)
-        hidden = self.head.embed(input_ids).to(self.dtype)  # [batch, seq, hidden]
+        if position_ids is None:  # as transformers' forward without a cache: 0 .. seq-1, padding or not
+            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
+        hidden = self.head.embed(input_ids, position_ids).to(self.dtype)  # [batch, seq, hidden]
         hidden, self.last_route = forward_through_swarm(
             self.planner,
             self.transport,

@@ -1,6 +1,6 @@
 """Per-architecture adapters and checkpoint reading. Importing this registers every adapter."""
 
-from shardnet.models import llama  # noqa: F401  (registers the Llama adapter)
+from shardnet.models import decoder  # noqa: F401  (registers an adapter per architecture family)
 from shardnet.models.base import (
     ClientHead,
     ModelAdapter,

@@ -46,8 +46,10 @@ class ClientHead(nn.Module, ABC):
     """The small parts a client keeps: token embeddings, final norm and LM head."""
 
     @abstractmethod
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] token ids -> [batch, seq, hidden] hidden states."""
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] token ids at [batch, seq] positions -> [batch, seq, hidden] hidden states.
+
+        Positions matter only to models with learned absolute position embeddings (gpt2)."""
 
     @abstractmethod
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,7 @@ def load_config(path: str | Path) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, OSError, json.JSONDecodeError, KeyError) as exc:
         raise ModelLoadError(f"cannot read config of {str(folder)!r}: {exc}") from exc
-    # The numbers must match transformers' default (sdpa) path exactly, so pin it explicitly.
-    config._attn_implementation = "sdpa"
-    return config
+    return config  # the attention implementation is transformers' default for the model class
 
 
 def derive_model_id(config: PretrainedConfig) -> str:
@@ -96,6 +94,12 @@ class Checkpoint:
 
     def has(self, key: str) -> bool:
         return key in self._file_for_key
+
+    def file_of(self, key: str) -> Path:
+        """The safetensors file that holds ``key``."""
+        if key not in self._file_for_key:
+            raise ModelLoadError(f"checkpoint {str(self.folder)!r} has no tensor {key!r}")
+        return self._file_for_key[key]
 
     def read(
         self, keys: Iterable[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu"

@@ -1,0 +1,192 @@
+"""DecoderAdapter: the one adapter for transformers' standard decoder-only layout, configured by a Family.
+
+A span holds transformers' own decoder blocks ``start:end``, built by ``AutoModelForCausalLM`` (on meta)
+with their absolute layer indices, so everything that depends on a layer's index (its KV-cache slot,
+sliding or full attention, a dense or sparse MLP) is exactly as in the full model; the session's
+``DynamicCache`` is the full model's, with only the span's layers ever filled. ``run`` repeats what
+``<Family>Model.forward`` does between the embedding and the final norm: one mask per attention type
+(sized against the first cache layer of that type inside the span), the rotary (cos, sin), then the
+blocks. The client head is the same model's embedding, final norm and LM head (with Gemma's embedding
+final logit soft-capping where the config asks for it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from shardnet.errors import ModelLoadError
+from shardnet.models.base import CPU, ClientHead, ModelAdapter, SpanInputs, SpanModule, register
+from shardnet.models.checkpoint import Checkpoint
+from shardnet.models.families import FAMILIES, Family
+from shardnet.models.transformers_loading import load_parts, skeleton, still_on_meta
+
+logger = logging.getLogger(__name__)
+_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def layer_types(config: PretrainedConfig) -> list[str]:
+    """Attention type of every layer, as the model's forward picks its mask."""
+    declared = getattr(config, "layer_types", None)
+    if declared:
+        types = list(declared)
+    elif getattr(config, "sliding_window", None) is not None:  # mistral, mixtral: one window for all
+        types = ["sliding_attention"] * config.num_hidden_layers
+    else:
+        types = ["full_attention"] * config.num_hidden_layers
+    unknown = sorted(set(types) - set(_MASKS))
+    if unknown:
+        raise ModelLoadError(f"{config.model_type}: layer types {unknown} are not supported yet")
+    return types
+
+
+class DecoderSpan(SpanModule):
+    def __init__(self, family: Family, model: PreTrainedModel, start: int, end: int):
+        super().__init__()
+        self.start, self.end = start, end
+        self.family = family
+        self.config = model.config  # the full model's, with transformers' attention implementation resolved
+        self.layer_types = layer_types(self.config)
+        base = model.base_model
+        self.blocks = nn.ModuleList(getattr(base, family.layers)[start:end])
+        self.rotary = None if family.positions == "learned" else base.rotary_emb  # buffers only
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    @torch.inference_mode()
+    def run(
+        self,
+        hidden_states: torch.Tensor,
+        inputs: SpanInputs,
+        cache: DynamicCache | None,
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        types = self.layer_types[start:end]
+        masks = {
+            kind: _MASKS[kind](
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=inputs.attention_mask,
+                past_key_values=cache,
+                position_ids=inputs.position_ids,
+                layer_idx=start + types.index(kind) if cache is not None else None,
+            )
+            for kind in set(types)
+        }
+        rotations = self._rotations(hidden_states, inputs.position_ids, set(types))
+        for offset, block in enumerate(self.blocks[start - self.start : end - self.start]):
+            kind = types[offset]
+            extra = {} if rotations is None else {"position_embeddings": rotations[kind]}
+            out = block(
+                hidden_states,
+                attention_mask=masks[kind],
+                position_ids=inputs.position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                **extra,
+            )
+            hidden_states = out[0] if isinstance(out, tuple) else out
+        return hidden_states  # [batch, new, hidden]
+
+    def _rotations(self, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]) -> dict | None:
+        """(cos, sin) per attention type, or None for learned absolute positions."""
+        if self.rotary is None:
+            return None
+        if self.family.positions == "rotary_per_layer_type":
+            return {kind: self.rotary(hidden, position_ids, kind) for kind in kinds}
+        rotation = self.rotary(hidden, position_ids)
+        return dict.fromkeys(kinds, rotation)
+
+
+class DecoderHead(ClientHead):
+    def __init__(self, family: Family, model: PreTrainedModel):
+        super().__init__()
+        base = model.base_model
+        self.embed_tokens = getattr(base, family.token_embedding)
+        self.position_table = getattr(base, family.position_embedding) if family.position_embedding else None
+        self.norm = getattr(base, family.final_norm)
+        self.lm_head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [batch, seq, hidden] (Gemma's module scales them itself)
+        if self.position_table is not None:
+            hidden = hidden + self.position_table(position_ids)
+        return hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(hidden_states))  # [batch, seq, vocab]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class DecoderAdapter(ModelAdapter):
+    def __init__(self, family: Family):
+        self.family = family
+        self.model_types = family.model_types
+
+    def _prefixes(self, model: PreTrainedModel) -> str:
+        """Checkpoint key prefix of the base model: 'model.' or 'transformer.' (optional in old files)."""
+        return rf"(?:{re.escape(model.base_model_prefix)}\.)?"
+
+    def load_span(
+        self,
+        checkpoint: Checkpoint,
+        config: PretrainedConfig,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        device: torch.device = CPU,
+    ) -> DecoderSpan:
+        model = skeleton(config, dtype)
+        layer_key = re.compile(rf"^{self._prefixes(model)}{re.escape(self.family.layers)}\.(\d+)\.")
+
+        def in_span(key: str) -> bool:
+            match = layer_key.match(key)
+            return bool(match) and start <= int(match.group(1)) < end
+
+        load_parts(model, checkpoint, in_span, dtype, device)
+        span = DecoderSpan(self.family, model, start, end).to(device)  # the buffers; weights are there
+        _require_loaded(span, f"blocks {start}:{end}")
+        return span.eval()
+
+    def load_head(self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> DecoderHead:
+        model = skeleton(config, dtype)
+        family = self.family
+        parts = [family.token_embedding, family.final_norm, *filter(None, [family.position_embedding])]
+        head_name = next(
+            name for name, module in model.named_modules() if module is model.get_output_embeddings()
+        )
+        pattern = re.compile(
+            rf"^(?:{self._prefixes(model)}(?:{'|'.join(map(re.escape, parts))})|{re.escape(head_name)})\."
+        )
+        load_parts(model, checkpoint, lambda key: bool(pattern.match(key)), dtype, CPU)
+        if (
+            getattr(model.config, "tie_word_embeddings", False)
+            or model.get_output_embeddings().weight.is_meta
+        ):
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        head = DecoderHead(family, model)
+        _require_loaded(head, "embeddings, norm and LM head")
+        return head.eval()
+
+
+def _require_loaded(module: nn.Module, what: str) -> None:
+    missing = still_on_meta(module)
+    if missing:
+        raise ModelLoadError(f"{what}: missing weights {missing[:5]}")
+
+
+for _family in FAMILIES:
+    register(DecoderAdapter(_family))
