@@ -214,10 +214,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     num_blocks = adapter_for(config).num_blocks(config)
     with SwarmView.connect(args.model, peers, model_id=model_id) as view:
         per_block = view.servers()
+    architecture = str(config.model_type)
     if args.json:
-        print(json.dumps(status_document(per_block, model_id, num_blocks), indent=2))
+        print(json.dumps(status_document(per_block, model_id, num_blocks, architecture), indent=2))
     else:
-        print(render_table(per_block, model_id, num_blocks))
+        print(render_table(per_block, model_id, num_blocks, architecture))
     return 0
 
 
