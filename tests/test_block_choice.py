@@ -14,6 +14,7 @@ import pytest
 from shardnet.dht import ServerState, ServerView, lookup
 from shardnet.launch import LocalSwarm
 from shardnet.server.block_choice import BlockCoverage, Peers, choose_span, coverage
+from shardnet.server.placement import FirstLook, settled_span
 
 from .conftest import server_view
 
@@ -82,7 +83,7 @@ def test_only_servers_a_client_could_chain_with_count():
     ]
     per_block = _per_block(others, 6)
     assert (
-        coverage(per_block, 6, Peers("float32", "none", "shardnet.v1", own_peer_id="ME"))
+        coverage(per_block, 6, Peers("float32", "none", "shardnet.v1", ignored=frozenset({"ME"})))
         == [BlockCoverage(0, 0.0)] * 6
     )
 
@@ -90,6 +91,31 @@ def test_only_servers_a_client_could_chain_with_count():
 def test_a_server_listed_twice_under_a_block_counts_once():
     view = server_view("A", 0, 2)
     assert coverage([[view, view], [view]], 2, PEERS) == [BlockCoverage(1, 5.0)] * 2
+
+
+def test_an_announced_span_stays_unless_counts_say_otherwise():
+    # Speeds alone (a JOINING server came ONLINE with a measured throughput) never make a server move.
+    blocks = [BlockCoverage(1, 10.0)] * 3 + [BlockCoverage(1, 1.0)] * 3
+    assert choose_span(blocks, 3) == (3, 6)
+    assert choose_span(blocks, 3, keep=(0, 3)) == (0, 3)
+    # Counts do: another server took 0:3 too, and 3:6 has nobody.
+    blocks = [BlockCoverage(1, 0.0)] * 3 + [BlockCoverage(0, 0.0)] * 3
+    assert choose_span(blocks, 3, keep=(0, 3)) == (3, 6)
+
+
+def test_servers_that_chose_together_split_by_peer_id():
+    """A and B looked at an empty swarm at the same moment and both announced 0:3: A (lower id) stays,
+    B moves. C was there at B's first look, so it counts whatever its id."""
+    a, b = server_view("A", 0, 3, state="joining"), server_view("B", 0, 3, state="joining")
+    per_block = _per_block([a, b], 6)
+    alone = FirstLook(span=(0, 3), seen=frozenset(), looked_at=0.0)
+    assert settled_span(per_block, alone, "A", PEERS, 3) == (0, 3)
+    assert settled_span(per_block, alone, "B", PEERS, 3) == (3, 6)
+
+    c = server_view("C", 3, 5, state="joining")
+    per_block = _per_block([b, c], 6)
+    saw_c = FirstLook(span=(0, 3), seen=frozenset({"C"}), looked_at=0.0)
+    assert settled_span(per_block, saw_c, "B", PEERS, 3) == (0, 3)  # nobody new: B keeps its span
 
 
 def test_bad_sizes_are_refused():
@@ -130,5 +156,19 @@ def test_two_servers_choosing_three_blocks_cover_six(llama_untied, tmp_path):
         first = (tmp_path / "server_n3.log").read_text()
         assert "chose blocks 0:3 for --num-blocks 3" in first
         assert re.search(r"server ready: .* blocks=0:3 device=cpu dtype=float32 ", first), first
+    finally:
+        swarm.stop()
+
+
+def test_two_servers_started_together_cover_six(llama_untied, tmp_path):
+    """Started at the same moment, each may choose before the other has announced; the second look
+    after announcing splits them (the lower peer id stays)."""
+    swarm = LocalSwarm(llama_untied, [], log_dir=tmp_path, torch_threads=1)
+    try:
+        swarm.start_dht()
+        swarm.start_server_choosing(3)
+        swarm.start_server_choosing(3)
+        swarm.wait_ready(timeout_s=180)
+        assert sorted((r.start, r.end) for r in _records(swarm)) == [(0, 3), (3, 6)]
     finally:
         swarm.stop()

@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from shardnet.dht import ServerRecord, ServerState, lookup, start_dht, visible_maddrs
+from shardnet.dht import ServerRecord, ServerState, announce, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
 from shardnet.models import Checkpoint, adapter_for, derive_model_id, load_config, validate_model_id
 from shardnet.models.footprint import block_weight_bytes, kv_bytes_per_token
 from shardnet.server.announcer import Announcer, LoadTrigger
 from shardnet.server.backend import SpanBackend, SpanLimits
-from shardnet.server.block_choice import Peers, choose_span, coverage, describe_coverage
+from shardnet.server.block_choice import Peers
 from shardnet.server.config import ServerConfig
 from shardnet.server.devices import (
     GIB,
@@ -29,6 +29,7 @@ from shardnet.server.devices import (
     resolve_device,
     resolve_dtype,
 )
+from shardnet.server.placement import FirstLook, Placement
 from shardnet.server.reaper import IdleReaper
 from shardnet.server.servicer import ServerRuntime, ShardServicer
 from shardnet.server.sessions import SessionTable
@@ -193,9 +194,12 @@ class Server:
         self.dht = await asyncio.to_thread(
             start_dht, cfg.initial_peers, cfg.dht_host, cfg.dht_port, False, self.model_id, self.num_blocks
         )
+        placement = first = None
         try:
             if self.span is None:
-                self.span = await asyncio.to_thread(self._choose_span)
+                placement = self._placement()
+                first = await asyncio.to_thread(placement.first_look)
+                self.span = first.span
             server = self._start_grpc()
         except BaseException:
             await asyncio.to_thread(self.dht.shutdown)
@@ -206,6 +210,8 @@ class Server:
         reaper = IdleReaper(self.runtime.sessions, cfg.session_idle_timeout_s)
         try:
             await announcer.announce_now()  # JOINING, at once: a server choosing its blocks now sees ours
+            if placement is not None:
+                await self._settle(placement, first, announcer)
             began = time.perf_counter()
             self.runtime.backend = await asyncio.to_thread(self._load_backend)
             throughput = await asyncio.to_thread(self.runtime.backend.probe_throughput)
@@ -238,18 +244,26 @@ class Server:
             await asyncio.to_thread(self.dht.shutdown)
             logger.info("shardnet server stopped: blocks=%d:%d", *self.span)
 
-    def _choose_span(self) -> tuple[int, int]:
-        """--num-blocks: read the swarm once and take the span that most improves its weakest coverage."""
+    def _placement(self) -> Placement:
+        # Exact servers only until --quant lands; then this server's own quantization.
         peers = Peers(dtype=dtype_name(self.dtype), quant="none", protocol=PROTOCOL_VERSION)
-        blocks = coverage(lookup(self.dht, self.model_id, self.num_blocks), self.num_blocks, peers)
-        span = choose_span(blocks, self.config.num_blocks)
-        logger.info(
-            "chose blocks %d:%d for --num-blocks %d; servers per block before: %s",
-            *span,
-            self.config.num_blocks,
-            describe_coverage(blocks),
-        )
-        return span
+        return Placement(self.dht, self.model_id, self.num_blocks, self.config.num_blocks, peers)
+
+    async def _settle(self, placement: Placement, first: FirstLook, announcer: Announcer) -> None:
+        """--num-blocks: look again once announced; move (before loading anything) if a server that chose
+        at the same moment took our span."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), placement.settle_delay_s(first))
+            return  # stopping: no need to move
+        except asyncio.TimeoutError:
+            pass
+        span = await asyncio.to_thread(placement.settle, first, self.dht.peer_id.to_base58())
+        if span == self.span:
+            return
+        gone = self._record().copy(update={"state": ServerState.OFFLINE.value})
+        await asyncio.to_thread(announce, self.dht, self.model_id, gone, self.config.announce_ttl_s)
+        self.span = span
+        await announcer.announce_now()  # JOINING, on the new span
 
     async def _drain(self, announcer: Announcer) -> None:
         """Refuse new work, tell the DHT, and give open sessions up to drain_timeout_s to finish."""

@@ -10,6 +10,12 @@ The choice is leximin: for every window of N consecutive blocks, add one server 
 sort the whole model's coverages from weakest up; take the window whose sorted list is greatest (it
 lifts the weakest block, then the next weakest, ...), ties to the lowest start. On an empty 6-block
 swarm, N=3 gives 0:3, and a second server then gets 3:6.
+
+Servers that look at the swarm at the same moment see none of each other and may choose the same
+span. So a server looks again once it has announced itself (see ``server/placement.py``) and keeps
+its span unless another span is strictly better by server counts alone (speeds change as JOINING
+servers come ONLINE, and must not make a server move); of servers that chose together, the one with
+the lowest peer id stays and the others move (``Peers.ignored`` leaves out the ones that should move).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class Peers:
     dtype: str
     quant: str
     protocol: str
-    own_peer_id: str | None = None  # our own record is left out (it does not need itself)
+    ignored: frozenset[str] = frozenset()  # peer ids left out: our own, and those that chose with us
 
     def counts(self, record: ServerRecord) -> bool:
         return (
@@ -42,7 +48,7 @@ class Peers:
             and record.dtype == self.dtype
             and record.quant == self.quant
             and record.protocol == self.protocol
-            and record.peer_id != self.own_peer_id
+            and record.peer_id not in self.ignored
         )
 
 
@@ -61,20 +67,32 @@ def coverage(per_block: list[list[ServerView]], num_blocks: int, peers: Peers) -
     return result
 
 
-def choose_span(blocks: list[BlockCoverage], span_blocks: int) -> tuple[int, int]:
-    """The half-open span of ``span_blocks`` blocks that most improves the weakest coverage (leximin)."""
+def _after(blocks: list[BlockCoverage], start: int, span_blocks: int) -> list[BlockCoverage]:
+    """The coverage, sorted from the weakest up, with one more server on start:start+span_blocks."""
+    end = start + span_blocks
+    return sorted(BlockCoverage(c.servers + (start <= i < end), c.steps_per_s) for i, c in enumerate(blocks))
+
+
+def choose_span(
+    blocks: list[BlockCoverage], span_blocks: int, keep: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """The half-open span of ``span_blocks`` blocks that most improves the weakest coverage (leximin).
+
+    With ``keep`` (a span already announced), that span stays unless another is strictly better when
+    only server counts are compared.
+    """
     num_blocks = len(blocks)
     if not 1 <= span_blocks <= num_blocks:
         raise ValueError(f"cannot place {span_blocks} blocks in a model of {num_blocks}")
     best_start, best_key = 0, None
     for start in range(num_blocks - span_blocks + 1):
-        after = [
-            BlockCoverage(c.servers + 1, c.steps_per_s) if start <= i < start + span_blocks else c
-            for i, c in enumerate(blocks)
-        ]
-        key = sorted(after)
+        key = _after(blocks, start, span_blocks)
         if best_key is None or key > best_key:  # strictly greater: ties keep the lower start
             best_start, best_key = start, key
+    if keep is not None and keep[1] - keep[0] == span_blocks:
+        kept = [c.servers for c in _after(blocks, keep[0], span_blocks)]
+        if not [c.servers for c in best_key] > kept:
+            return keep
     return best_start, best_start + span_blocks
 
 
