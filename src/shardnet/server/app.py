@@ -1,4 +1,5 @@
-"""Composition root of a server: load the span, start gRPC and the DHT, announce, drain on a signal."""
+"""Composition root of a server: resolve its device and dtype and check that the span fits, start the
+DHT, place the span (--num-blocks), start gRPC, announce, load the span, drain on a signal."""
 
 from __future__ import annotations
 
