@@ -27,6 +27,7 @@ from shardnet.server.devices import (
     describe_device,
     dtype_name,
     free_memory_bytes,
+    make_current,
     resolve_device,
     resolve_dtype,
 )
@@ -70,6 +71,7 @@ class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.device = resolve_device(config.device)  # ConfigError if this machine does not have it
+        make_current(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config = load_config(config.model_path)
         self.adapter = adapter_for(self.model_config)

@@ -54,6 +54,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def make_current(device: torch.device) -> None:
+    """Make a CUDA device this process's current one, so that nothing (a library allocating on the
+    default device, a CUDA context) lands on cuda:0 when the span is on cuda:N."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for ``--dtype name`` on ``device``: an explicit name wins, ``auto`` picks."""
     if name != "auto":
