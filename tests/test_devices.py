@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from shardnet.errors import ConfigError
+from shardnet.errors import ConfigError, ModelLoadError
 from shardnet.models import Checkpoint, SpanInputs, adapter_for, load_config
 from shardnet.models.footprint import block_of, block_weight_bytes, kv_bytes_per_token
 from shardnet.server import devices
@@ -137,16 +137,32 @@ def test_footprint_matches_what_a_loaded_span_holds(model, request):
     path = request.getfixturevalue(model)
     config, checkpoint = load_config(path), Checkpoint(path)
     dtype = torch.bfloat16  # the checkpoint is float32: the estimate is in the compute dtype
-    per_block = block_weight_bytes(checkpoint, 6, dtype)
+    per_block = block_weight_bytes(checkpoint, 0, 6, dtype)
     span = adapter_for(config).load_span(checkpoint, config, 1, 4, dtype)
     loaded = sum(p.numel() * p.element_size() for p in span.parameters())
-    assert sum(per_block[1:4]) == loaded
+    assert sum(per_block[1:4]) == loaded == sum(block_weight_bytes(checkpoint, 1, 4, dtype))
 
     cache, tokens = span.new_cache(), 5
     hidden = torch.zeros(1, tokens, config.hidden_size, dtype=dtype)  # [batch, seq, hidden]
     span.run(hidden, SpanInputs(None, torch.arange(tokens).unsqueeze(0)), cache, 1, 4)
     cached = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert cached == tokens * kv_bytes_per_token(config, 3, dtype)
+
+
+def test_a_span_needs_only_its_own_shards(llama_tied, tmp_path):
+    """A sharded checkpoint of which only some shards are here (downloaded for one span): the span's
+    weights are counted from its shards, and asking about a block whose shard is absent says so."""
+    index = json.loads((llama_tied / "model.safetensors.index.json").read_text())
+    keep = {name for key, name in index["weight_map"].items() if block_of(key) in (2, 3)}
+    for file in llama_tied.iterdir():
+        if file.suffix != ".safetensors" or file.name in keep:
+            (tmp_path / file.name).symlink_to(file)
+    checkpoint, dtype = Checkpoint(tmp_path), torch.float32
+    assert block_weight_bytes(checkpoint, 2, 4, dtype) == block_weight_bytes(
+        Checkpoint(llama_tied), 2, 4, dtype
+    )
+    with pytest.raises(ModelLoadError, match="safetensors header"):
+        block_weight_bytes(checkpoint, 0, 6, dtype)
 
 
 def test_fit_check_with_numbers():

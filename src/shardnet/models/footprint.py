@@ -31,15 +31,22 @@ def block_of(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _weight_files(checkpoint: Checkpoint) -> list[Path]:
+def _weight_files(checkpoint: Checkpoint, start: int, end: int) -> list[Path]:
+    """The files that hold blocks start:end: from the index of a sharded checkpoint (other shards may be
+    absent, as when only a span's shards were downloaded), or the single file."""
     index = checkpoint.folder / INDEX_FILE
-    if index.is_file():
-        try:
-            names = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelLoadError(f"{index} is not a safetensors index: {exc}") from exc
-        return [checkpoint.folder / name for name in sorted(names)]
-    return [checkpoint.folder / SINGLE_FILE]
+    if not index.is_file():
+        return [checkpoint.folder / SINGLE_FILE]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{index} is not a safetensors index: {exc}") from exc
+    names = set()
+    for key, name in weight_map.items():
+        block = block_of(key)
+        if block is not None and start <= block < end:
+            names.add(name)
+    return [checkpoint.folder / name for name in sorted(names)]
 
 
 def read_header(file: Path) -> dict[str, dict]:
@@ -59,21 +66,21 @@ def read_header(file: Path) -> dict[str, dict]:
     return header
 
 
-def block_weight_bytes(checkpoint: Checkpoint, num_blocks: int, dtype: torch.dtype) -> list[int]:
-    """Bytes of each block's weights once loaded in ``dtype`` (floating tensors are cast to it, others
-    keep theirs, as ``Checkpoint.read`` does), from the safetensors headers only."""
-    sizes = [0] * num_blocks
-    for file in _weight_files(checkpoint):
+def block_weight_bytes(checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype) -> list[int]:
+    """Bytes of the weights of each block start..end-1 once loaded in ``dtype`` (floating tensors are cast
+    to it, others keep theirs, as ``Checkpoint.read`` does), from the safetensors headers only."""
+    sizes = [0] * (end - start)
+    for file in _weight_files(checkpoint, start, end):
         for key, info in read_header(file).items():
             block = block_of(key)
-            if block is None or not 0 <= block < num_blocks:
+            if block is None or not start <= block < end:
                 continue
             try:
                 code, numel = info["dtype"], torch.Size(info["shape"]).numel()
             except (KeyError, TypeError, ValueError) as exc:
                 raise ModelLoadError(f"{file}: tensor {key!r} has a malformed header entry") from exc
             item = dtype.itemsize if code in _FLOAT_CODES else _ITEM_BYTES.get(code, 8)
-            sizes[block] += numel * item
+            sizes[block - start] += numel * item
     return sizes
 
 

@@ -104,19 +104,18 @@ class Server:
         With --num-blocks the span is chosen later, so the heaviest window of that many blocks is checked.
         """
         cfg = self.config
-        per_block = block_weight_bytes(self.checkpoint, self.num_blocks, self.dtype)
-        if cfg.blocks is not None:
+        if cfg.blocks is not None:  # only the span's shards need to be there
             span, flag = cfg.blocks, "--blocks"
-        else:
-            n = cfg.num_blocks
+            weights = sum(block_weight_bytes(self.checkpoint, *span, self.dtype))
+        else:  # any span may be chosen: every shard must be there
+            n, flag = cfg.num_blocks, "--num-blocks"
+            per_block = block_weight_bytes(self.checkpoint, 0, self.num_blocks, self.dtype)
             start = max(range(self.num_blocks - n + 1), key=lambda s: sum(per_block[s : s + n]))
-            span, flag = (start, start + n), "--num-blocks"
+            span, weights = (start, start + n), sum(per_block[start : start + n])
         blocks = span[1] - span[0]
         cache_tokens = min(MIN_CACHE_TOKENS, self.max_length, cfg.max_cache_tokens)
         per_token = kv_bytes_per_token(self.model_config, blocks, self.dtype)
-        footprint = SpanFootprint(
-            span, sum(per_block[span[0] : span[1]]), cache_tokens, cache_tokens * per_token
-        )
+        footprint = SpanFootprint(span, weights, cache_tokens, cache_tokens * per_token)
         free = free_memory_bytes(self.device)
         check_fit(footprint, free, self.device, self.dtype, flag)
         budget = cfg.max_cache_tokens * per_token
