@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from pathlib import Path
 import harness
 import shaped_checkpoint
 import torch
-from safetensors import safe_open
 
 from shardnet.client.config import ClientConfig
 from shardnet.client.planner import RoutePlanner
@@ -30,9 +28,10 @@ from shardnet.client.session import InferenceSession
 from shardnet.client.swarm_view import SwarmView
 from shardnet.client.transport import Transport
 from shardnet.launch import LocalSwarm
+from shardnet.models import Checkpoint
+from shardnet.models.footprint import block_weight_bytes
 
 logger = logging.getLogger("benchmarks.memory")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 DISK_MARGIN_BYTES = 10 << 30  # leave this much free after writing the 13B-shaped checkpoint
 
 
@@ -85,15 +84,9 @@ def one_server(
 
 
 def span_weight_bytes(model_path: Path, span_: tuple[int, int], dtype: torch.dtype) -> int:
-    """Bytes of the span's block weights once cast to ``dtype``, from the safetensors headers only."""
-    numel = 0
-    for file in sorted(model_path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                match = _LAYER.match(key)
-                if match and span_[0] <= int(match.group(1)) < span_[1]:
-                    numel += torch.Size(handle.get_slice(key).get_shape()).numel()
-    return numel * dtype.itemsize
+    """Bytes of the span's block weights once cast to ``dtype``, from the safetensors headers only
+    (what a server's fit check counts)."""
+    return sum(block_weight_bytes(Checkpoint(model_path), *span_, dtype))
 
 
 def memory_fields(pid: int, weights: int) -> dict:

@@ -67,6 +67,7 @@ def test_record_schema_rejects_bad_spans():
 def test_status_lists_servers(swarm):
     stdout = shardnet_status(swarm)
     assert f"{len(swarm.spans)} servers" in stdout
+    assert "(architecture llama)" in stdout
     for start, end in swarm.spans:
         assert f"{start}:{end}" in stdout
     assert "all blocks covered" in stdout

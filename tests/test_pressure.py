@@ -229,7 +229,7 @@ from shardnet.server.app import run_server
 from shardnet.server.config import ServerConfig
 logging.basicConfig(level=logging.INFO)
 run_server(ServerConfig(
-    model_path=Path(sys.argv[1]), start=0, end=2, torch_threads=1, keepalive_time_s=1, keepalive_timeout_s=1))
+    model_path=Path(sys.argv[1]), blocks=(0, 2), torch_threads=1, keepalive_time_s=1, keepalive_timeout_s=1))
 """
 
 

@@ -54,6 +54,7 @@ def test_status_json_and_table_show_load_and_counts(one_server):
 
         document = json.loads(shardnet_status(swarm, "--json"))
         assert document["model_id"] == swarm.model_id and document["num_blocks"] == 6
+        assert document["architecture"] == "llama"
         assert document["blocks_without_online_server"] == [4, 5]
         [server] = document["servers"]
         assert server["peer_id"] == view.record.peer_id and server["address"] == view.address
@@ -64,7 +65,8 @@ def test_status_json_and_table_show_load_and_counts(one_server):
         assert (server["open_sessions"], server["sessions_served"]) == (1, 1)
 
         # The table form (the CLI's default; tests/test_dht.py runs it) renders the same look-up.
-        table = render_table(lookup(dht, swarm.model_id, swarm.num_blocks), swarm.model_id, 6)
+        table = render_table(lookup(dht, swarm.model_id, swarm.num_blocks), swarm.model_id, 6, "llama")
+        assert table.startswith(f"model {swarm.model_id} (architecture llama): 6 blocks, 1 servers")
         assert "1 servers" in table and "open" in table and "served" in table
         assert "blocks with no online server: 4:6" in table
         [row] = [line for line in table.splitlines() if view.address in line]
@@ -81,7 +83,8 @@ def test_status_document_lists_each_server_once_with_its_freshest_record():
     old = server_view("peerA", 0, 2, open_sessions=1, expiration=100.0)
     new = server_view("peerA", 0, 2, open_sessions=3, sessions_served=7, expiration=110.0)
     draining = server_view("peerB", 2, 3, state="draining")
-    document = status_document([[old], [new], [draining]], "llama_x", 4)
+    document = status_document([[old], [new], [draining]], "llama_x", 4, "llama")
+    assert document["architecture"] == "llama"
     assert [s["peer_id"] for s in document["servers"]] == ["peerA", "peerB"]
     assert (document["servers"][0]["open_sessions"], document["servers"][0]["sessions_served"]) == (3, 7)
     assert document["blocks_without_online_server"] == [2, 3]  # draining is not online; 3 has nobody

@@ -37,6 +37,15 @@ def _span(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _device(text: str) -> str:
+    from shardnet.server.config import parse_device
+
+    try:
+        return parse_device(text)
+    except ShardnetError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from exc
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -80,9 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model", required=True, type=Path, help="model folder (transformers save_pretrained, safetensors)"
     )
-    serve.add_argument("--blocks", required=True, type=_span, help="half-open span START:END, e.g. 0:12")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument(
+        "--num-blocks",
+        type=_positive_int,
+        metavar="N",
+        help="serve N consecutive blocks where the swarm is weakest (fewest servers, then slowest), "
+        "chosen from the DHT at start",
+    )
+    where.add_argument("--blocks", type=_span, help="serve this half-open span START:END, e.g. 0:12")
     _add_peers(serve, required=False)
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--device",
+        default="auto",
+        type=_device,
+        help="auto (default: the first CUDA GPU, else the CPU), cpu, cuda, cuda:N or mps",
+    )
+    serve.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto (default): bfloat16 on GPUs that support it, else float16; float32 on the CPU",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="gRPC interface (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="gRPC port; 0 = pick one")
     serve.add_argument("--announce-host", default=None, help="address clients dial (default: --host)")
@@ -171,12 +199,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from shardnet.server.app import run_server
     from shardnet.server.config import ServerConfig
 
-    start, end = args.blocks
     config = ServerConfig(
         model_path=args.model,
-        start=start,
-        end=end,
+        blocks=args.blocks,
+        num_blocks=args.num_blocks,
         initial_peers=_peers(args),
+        device=args.device,
         dtype=args.dtype,
         host=args.host,
         port=args.port,
@@ -214,10 +242,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     num_blocks = adapter_for(config).num_blocks(config)
     with SwarmView.connect(args.model, peers, model_id=model_id) as view:
         per_block = view.servers()
+    architecture = str(config.model_type)
     if args.json:
-        print(json.dumps(status_document(per_block, model_id, num_blocks), indent=2))
+        print(json.dumps(status_document(per_block, model_id, num_blocks, architecture), indent=2))
     else:
-        print(render_table(per_block, model_id, num_blocks))
+        print(render_table(per_block, model_id, num_blocks, architecture))
     return 0
 
 

@@ -60,6 +60,7 @@ class LocalSwarm:
         self.dht_process: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
         self._logs: list = []
+        self._labels: dict[int, str] = {}  # server pid -> what it was asked to serve, e.g. "--blocks 0:3"
         self._probe = None  # a client-mode DHT node of our own, for wait_ready
 
     def _spawn(self, args: list[str], name: str, stdout=None) -> subprocess.Popen:
@@ -94,12 +95,19 @@ class LocalSwarm:
         return self.initial_peers
 
     def start_server(self, start: int, end: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+        """A server for blocks start:end (``--blocks``)."""
+        return self._start_serve(["--blocks", f"{start}:{end}"], f"server_{start}_{end}", extra_args)
+
+    def start_server_choosing(self, num_blocks: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+        """A server that chooses where to serve its ``num_blocks`` blocks (``--num-blocks``)."""
+        return self._start_serve(["--num-blocks", str(num_blocks)], f"server_n{num_blocks}", extra_args)
+
+    def _start_serve(self, where: list[str], name: str, extra_args: Sequence[str]) -> subprocess.Popen:
         args = [
             "serve",
             "--model",
             str(self.model_path),
-            "--blocks",
-            f"{start}:{end}",
+            *where,
             "--dtype",
             self.dtype,
             "--initial-peers",
@@ -109,10 +117,10 @@ class LocalSwarm:
         ]
         if self.torch_threads:
             args += ["--torch-threads", str(self.torch_threads)]
-        name = f"server_{start}_{end}"
-        copies = sum(1 for p in self.servers if p.args[7] == f"{start}:{end}")
+        copies = sum(1 for label in self._labels.values() if label == " ".join(where))
         process = self._spawn(args, name if not copies else f"{name}.{copies}")  # replicas: .1, .2, ...
         self.servers.append(process)
+        self._labels[process.pid] = " ".join(where)
         return process
 
     def start(self, timeout_s: float = 120.0) -> LocalSwarm:
@@ -142,7 +150,9 @@ class LocalSwarm:
                 if process.poll() is None:
                     running.append(process)
                 elif process.returncode != -signal.SIGKILL:  # killed on purpose by a test: not a failure
-                    raise SwarmStartError(f"server {process.args[4:8]} exited with {process.returncode}")
+                    raise SwarmStartError(
+                        f"server {self._labels.get(process.pid, '?')} exited with {process.returncode}"
+                    )
             online, waiting = self.online_ports(), []
             for process in running:
                 ports = _listening_ports(process.pid)
@@ -151,7 +161,7 @@ class LocalSwarm:
             if not waiting:
                 return
             if time.monotonic() > deadline:
-                spans = [process.args[7] for process in waiting]
+                spans = [self._labels.get(process.pid, "?") for process in waiting]
                 raise SwarmStartError(f"servers {spans} not online after {timeout_s}s")
             time.sleep(0.2)
 
@@ -174,6 +184,7 @@ class LocalSwarm:
         for log in self._logs:
             log.close()
         self.servers.clear()
+        self._labels.clear()
         self.dht_process = None
 
     def __enter__(self) -> LocalSwarm:

@@ -43,20 +43,23 @@ def server_entry(view: ServerView) -> dict:
     }
 
 
-def status_document(per_block: list[list[ServerView]], model_id: str, num_blocks: int) -> dict:
-    """The JSON document of ``shardnet status --json``."""
+def status_document(
+    per_block: list[list[ServerView]], model_id: str, num_blocks: int, architecture: str
+) -> dict:
+    """The JSON document of ``shardnet status --json``; ``architecture`` is the model's ``model_type``."""
     return {
         "model_id": model_id,
+        "architecture": architecture,
         "num_blocks": num_blocks,
         "servers": [server_entry(view) for view in unique_servers(per_block)],
         "blocks_without_online_server": blocks_without_online_server(per_block, num_blocks),
     }
 
 
-def render_table(per_block: list[list[ServerView]], model_id: str, num_blocks: int) -> str:
-    """The table of ``shardnet status``."""
+def render_table(per_block: list[list[ServerView]], model_id: str, num_blocks: int, architecture: str) -> str:
+    """The table of ``shardnet status``; ``architecture`` is the model's ``model_type``."""
     servers = unique_servers(per_block)
-    lines = [f"model {model_id}: {num_blocks} blocks, {len(servers)} servers"]
+    lines = [f"model {model_id} (architecture {architecture}): {num_blocks} blocks, {len(servers)} servers"]
     lines.append(
         f"{'peer':<8}{'address':<24}{'blocks':<10}{'state':<10}{'dtype':<10}{'steps/s':>9}"
         f"{'cache free':>18}{'open':>6}{'served':>8}"

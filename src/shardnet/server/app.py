@@ -1,4 +1,5 @@
-"""Composition root of a server: load the span, start gRPC and the DHT, announce, drain on a signal."""
+"""Composition root of a server: resolve its device and dtype and check that the span fits, start the
+DHT, place the span (--num-blocks), start gRPC, announce, load the span, drain on a signal."""
 
 from __future__ import annotations
 
@@ -11,12 +12,26 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from shardnet.dht import ServerRecord, ServerState, start_dht, visible_maddrs
+from shardnet.dht import ServerRecord, ServerState, announce, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
 from shardnet.models import Checkpoint, adapter_for, derive_model_id, load_config, validate_model_id
+from shardnet.models.footprint import block_weight_bytes, kv_bytes_per_token
 from shardnet.server.announcer import Announcer, LoadTrigger
 from shardnet.server.backend import SpanBackend, SpanLimits
+from shardnet.server.block_choice import Peers
 from shardnet.server.config import ServerConfig
+from shardnet.server.devices import (
+    GIB,
+    SpanFootprint,
+    check_fit,
+    describe_device,
+    dtype_name,
+    free_memory_bytes,
+    make_current,
+    resolve_device,
+    resolve_dtype,
+)
+from shardnet.server.placement import FirstLook, Placement
 from shardnet.server.reaper import IdleReaper
 from shardnet.server.servicer import ServerRuntime, ShardServicer
 from shardnet.server.sessions import SessionTable
@@ -25,6 +40,10 @@ from shardnet.wire import PROTOCOL_VERSION, pb_grpc
 
 logger = logging.getLogger(__name__)
 _UNARY_WORKERS = 4  # gRPC worker threads beyond one per session, for Info and Forward
+# The fit check before loading counts the span's weights plus the KV cache of one session of batch 1 and
+# this many positions (fewer if --max-length or --max-cache-tokens is smaller): the least a server must
+# hold to be of use. The rest of --max-cache-tokens is only warned about, not required.
+MIN_CACHE_TOKENS = 2048
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -51,12 +70,20 @@ class Server:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.device = resolve_device(config.device)  # ConfigError if this machine does not have it
+        make_current(self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config = load_config(config.model_path)
         self.adapter = adapter_for(self.model_config)
         num_blocks = self.adapter.num_blocks(self.model_config)
-        if config.end > num_blocks:
+        if config.blocks is not None and config.blocks[1] > num_blocks:
+            start, end = config.blocks
             raise ConfigError(
-                f"--blocks {config.start}:{config.end} is outside the model: it has {num_blocks} blocks (0:{num_blocks})"
+                f"--blocks {start}:{end} is outside the model: it has {num_blocks} blocks (0:{num_blocks})"
+            )
+        if config.num_blocks is not None and config.num_blocks > num_blocks:
+            raise ConfigError(
+                f"--num-blocks {config.num_blocks} is more than the model's {num_blocks} blocks"
             )
         self.num_blocks = num_blocks
         self.checkpoint = Checkpoint(config.model_path)  # fails early on a folder without safetensors
@@ -64,10 +91,44 @@ class Server:
         max_position = int(getattr(self.model_config, "max_position_embeddings", config.max_length))
         self.max_length = min(config.max_length, max_position)
         self.max_position = max_position
+        self._check_fit()
+        self.span: tuple[int, int] | None = config.blocks  # chosen in run() for --num-blocks
         self.runtime = ServerRuntime(
             SessionTable(config.max_cache_tokens, config.max_sessions), config.max_message_bytes
         )
         self._stop = asyncio.Event()
+
+    def _check_fit(self) -> None:
+        """Before anything starts: the span's weights plus one session's cache must fit on the device.
+
+        With --num-blocks the span is chosen later, so the heaviest window of that many blocks is checked.
+        """
+        cfg = self.config
+        if cfg.blocks is not None:  # only the span's shards need to be there
+            span, flag = cfg.blocks, "--blocks"
+            weights = sum(block_weight_bytes(self.checkpoint, *span, self.dtype))
+        else:  # any span may be chosen: every shard must be there
+            n, flag = cfg.num_blocks, "--num-blocks"
+            per_block = block_weight_bytes(self.checkpoint, 0, self.num_blocks, self.dtype)
+            start = max(range(self.num_blocks - n + 1), key=lambda s: sum(per_block[s : s + n]))
+            span, weights = (start, start + n), sum(per_block[start : start + n])
+        blocks = span[1] - span[0]
+        cache_tokens = min(MIN_CACHE_TOKENS, self.max_length, cfg.max_cache_tokens)
+        per_token = kv_bytes_per_token(self.model_config, blocks, self.dtype)
+        footprint = SpanFootprint(span, weights, cache_tokens, cache_tokens * per_token)
+        free = free_memory_bytes(self.device)
+        check_fit(footprint, free, self.device, self.dtype, flag)
+        budget = cfg.max_cache_tokens * per_token
+        if footprint.weight_bytes + budget > free:
+            logger.warning(
+                "--max-cache-tokens %d needs %.1f GiB of KV cache over %d blocks, but only %.1f GiB is free "
+                "on %s after the weights: sessions may fail to allocate before the budget is used up",
+                cfg.max_cache_tokens,
+                budget / GIB,
+                blocks,
+                (free - footprint.weight_bytes) / GIB,
+                self.device,
+            )
 
     def stop(self) -> None:
         self._stop.set()
@@ -78,9 +139,9 @@ class Server:
             peer_id=self.dht.peer_id.to_base58(),
             host=self.config.dial_host,
             port=self.port,
-            start=self.config.start,
-            end=self.config.end,
-            dtype=self.config.dtype,
+            start=self.span[0],
+            end=self.span[1],
+            dtype=dtype_name(self.dtype),
             protocol=PROTOCOL_VERSION,
             version=__version__,
             throughput=self.runtime.backend.throughput.steps_per_s if self.runtime.backend else 0.0,
@@ -93,20 +154,18 @@ class Server:
         )
 
     def _load_backend(self) -> SpanBackend:
-        dtype = getattr(torch, self.config.dtype)
-        span = self.adapter.load_span(
-            self.checkpoint, self.model_config, self.config.start, self.config.end, dtype
-        )
+        start, end = self.span
+        span = self.adapter.load_span(self.checkpoint, self.model_config, start, end, self.dtype, self.device)
         limits = SpanLimits(
             model_id=self.model_id,
-            start=self.config.start,
-            end=self.config.end,
+            start=start,
+            end=end,
             hidden_size=int(self.model_config.hidden_size),
             max_batch_size=self.config.max_batch_size,
             max_length=self.max_length,
             max_position=self.max_position,
         )
-        return SpanBackend(span, dtype, limits, self.config.max_chunk_tokens)
+        return SpanBackend(span, self.dtype, limits, self.config.max_chunk_tokens, self.device)
 
     def _start_grpc(self) -> grpc.Server:
         cfg = self.config
@@ -137,7 +196,12 @@ class Server:
         self.dht = await asyncio.to_thread(
             start_dht, cfg.initial_peers, cfg.dht_host, cfg.dht_port, False, self.model_id, self.num_blocks
         )
+        placement = first = None
         try:
+            if self.span is None:
+                placement = self._placement()
+                first = await asyncio.to_thread(placement.first_look)
+                self.span = first.span
             server = self._start_grpc()
         except BaseException:
             await asyncio.to_thread(self.dht.shutdown)
@@ -147,7 +211,9 @@ class Server:
         self.runtime.sessions.on_change = announcer.load_changed
         reaper = IdleReaper(self.runtime.sessions, cfg.session_idle_timeout_s)
         try:
-            await announcer.announce_now()  # JOINING
+            await announcer.announce_now()  # JOINING, at once: a server choosing its blocks now sees ours
+            if placement is not None:
+                await self._settle(placement, first, announcer)
             began = time.perf_counter()
             self.runtime.backend = await asyncio.to_thread(self._load_backend)
             throughput = await asyncio.to_thread(self.runtime.backend.probe_throughput)
@@ -157,11 +223,12 @@ class Server:
             reaper.start()
             maddrs = visible_maddrs(self.dht)
             logger.info(
-                "shardnet server ready: model=%s blocks=%d:%d dtype=%s grpc=%s:%d dht=%s load=%.1fs throughput=%.1f steps/s",
+                "shardnet server ready: model=%s blocks=%d:%d device=%s dtype=%s grpc=%s:%d dht=%s load=%.1fs "
+                "throughput=%.1f steps/s",
                 self.model_id,
-                cfg.start,
-                cfg.end,
-                cfg.dtype,
+                *self.span,
+                describe_device(self.device),
+                dtype_name(self.dtype),
                 cfg.dial_host,
                 self.port,
                 maddrs[0] if maddrs else "?",
@@ -177,7 +244,28 @@ class Server:
             await announcer.announce_now()
             await asyncio.to_thread(server.stop(grace=1.0).wait)
             await asyncio.to_thread(self.dht.shutdown)
-            logger.info("shardnet server stopped: blocks=%d:%d", cfg.start, cfg.end)
+            logger.info("shardnet server stopped: blocks=%d:%d", *self.span)
+
+    def _placement(self) -> Placement:
+        # Exact servers only until --quant lands; then this server's own quantization.
+        peers = Peers(dtype=dtype_name(self.dtype), quant="none", protocol=PROTOCOL_VERSION)
+        return Placement(self.dht, self.model_id, self.num_blocks, self.config.num_blocks, peers)
+
+    async def _settle(self, placement: Placement, first: FirstLook, announcer: Announcer) -> None:
+        """--num-blocks: look again once announced; move (before loading anything) if a server that chose
+        at the same moment took our span."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), placement.settle_delay_s(first))
+            return  # stopping: no need to move
+        except asyncio.TimeoutError:
+            pass
+        span = await asyncio.to_thread(placement.settle, first, self.dht.peer_id.to_base58())
+        if span == self.span:
+            return
+        gone = self._record().copy(update={"state": ServerState.OFFLINE.value})
+        await asyncio.to_thread(announce, self.dht, self.model_id, gone, self.config.announce_ttl_s)
+        self.span = span
+        await announcer.announce_now()  # JOINING, on the new span
 
     async def _drain(self, announcer: Announcer) -> None:
         """Refuse new work, tell the DHT, and give open sessions up to drain_timeout_s to finish."""

@@ -15,6 +15,7 @@ from shardnet.server.sessions import Session
 from shardnet.server.throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
+HOST = torch.device("cpu")  # where tensors from and for the wire live
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,16 @@ class SpanBackend:
     lets other sessions' decode steps in between its chunks."""
 
     def __init__(
-        self, span: SpanModule, dtype: torch.dtype, limits: SpanLimits, max_chunk_tokens: int = 1024
+        self,
+        span: SpanModule,
+        dtype: torch.dtype,
+        limits: SpanLimits,
+        max_chunk_tokens: int = 1024,
+        device: torch.device = HOST,
     ):
         self.span = span
         self.dtype = dtype
+        self.device = device  # where the span's weights and every session's KV cache live
         self.limits = limits
         self.max_chunk_tokens = max_chunk_tokens
         self.compute_lock = FairLock()
@@ -177,19 +184,28 @@ class SpanBackend:
     def _run(
         self, hidden: torch.Tensor, inputs: SpanInputs, cache: object | None, start: int, end: int
     ) -> tuple[torch.Tensor, float]:
+        """Inputs arrive on the host in the session's wire dtype; they go to the span's device and dtype,
+        and the output comes back to the host in the wire dtype (cast on the device: fewer bytes to copy).
+        The copy back waits for the device, so the time taken is the step's real compute time."""
         began = time.perf_counter()
         wire_dtype = hidden.dtype
-        out = self.span.run(hidden.to(self.dtype), inputs, cache, start, end)
-        out = out.to(wire_dtype)
+        if self.device != HOST:
+            mask = None if inputs.attention_mask is None else inputs.attention_mask.to(self.device)
+            inputs = SpanInputs(mask, inputs.position_ids.to(self.device))
+        out = self.span.run(hidden.to(self.device, self.dtype), inputs, cache, start, end)
+        out = out.to(wire_dtype).to(HOST)  # [batch, new, hidden]
         return out, time.perf_counter() - began
 
     def probe_throughput(self) -> float:
         """Time whole-span decode steps at batch 1 to start the announced throughput; returns steps/s."""
         cache = self.span.new_cache()
-        hidden = torch.zeros(1, 1, self.limits.hidden_size, dtype=self.dtype)  # [batch, new, hidden]
+        hidden = torch.zeros(
+            1, 1, self.limits.hidden_size, dtype=self.dtype, device=self.device
+        )  # [batch, new, hidden]
 
         def run_step(position: int) -> None:
-            inputs = SpanInputs(None, torch.tensor([[position]]))
-            self.span.run(hidden, inputs, cache, self.limits.start, self.limits.end)
+            inputs = SpanInputs(None, torch.tensor([[position]], device=self.device))
+            # Back to the host as a real step's output goes: that waits for a GPU's queued kernels.
+            self.span.run(hidden, inputs, cache, self.limits.start, self.limits.end).to(HOST)
 
-        return self.throughput.probe(run_step)
+        return self.throughput.probe(run_step, host_compute=self.device == HOST)

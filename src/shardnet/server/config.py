@@ -8,7 +8,10 @@ from pathlib import Path
 
 from shardnet.errors import ConfigError
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what a span computes in, and announces
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # --dtype: auto = by device (see server/devices.py)
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -22,13 +25,23 @@ def parse_span(text: str) -> tuple[int, int]:
     return start, end
 
 
+def parse_device(text: str) -> str:
+    """Check the form of a --device value ('CUDA:1 ' -> 'cuda:1'); whether this machine has it is
+    decided when the server starts (server/devices.py)."""
+    name = (text or "").strip().lower()
+    if not _DEVICE.fullmatch(name):
+        raise ConfigError(f"--device {text!r} is not a device: use {DEVICE_FORMS}")
+    return name
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model_path: Path  # folder saved by transformers' save_pretrained (safetensors)
-    start: int  # first block served (inclusive)
-    end: int  # one past the last block served
+    blocks: tuple[int, int] | None = None  # span served, half-open; None = chosen at start (num_blocks)
+    num_blocks: int | None = None  # serve this many blocks where the swarm is weakest (instead of blocks)
     initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join; empty = start a new swarm
-    dtype: str = "float32"  # compute dtype of the blocks
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; auto = the first CUDA GPU, else the CPU
+    dtype: str = "auto"  # compute dtype of the blocks; auto = bfloat16/float16 on a GPU, float32 on the CPU
     host: str = "127.0.0.1"  # interface the gRPC server listens on
     port: int = 0  # gRPC port; 0 = pick a free one
     announce_host: str | None = None  # host clients dial; default = host
@@ -54,10 +67,22 @@ class ServerConfig:
     min_client_ping_interval_s: float = 10.0  # clients may ping this often; more often gets a GOAWAY
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
-        if self.start < 0 or self.end <= self.start:
-            raise ConfigError(f"--blocks {self.start}:{self.end} is not a non-empty half-open span")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        parse_device(self.device)
+        if self.blocks is None and self.num_blocks is None:
+            raise ConfigError(
+                "choose what to serve: --num-blocks N (the N blocks the swarm needs most) "
+                "or --blocks START:END (a span you pick)"
+            )
+        if self.blocks is not None and self.num_blocks is not None:
+            raise ConfigError("--blocks and --num-blocks exclude each other: pass one")
+        if self.blocks is not None:
+            start, end = self.blocks
+            if start < 0 or end <= start:
+                raise ConfigError(f"--blocks {start}:{end} is not a non-empty half-open span")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError("--num-blocks must be at least 1")
         if not 0 <= self.port <= 65535 or not 0 <= self.dht_port <= 65535:
             raise ConfigError("--port and --dht-port must be between 0 and 65535")
         if self.host in ("0.0.0.0", "::") and not self.announce_host:
