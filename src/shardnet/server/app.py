@@ -14,6 +14,7 @@ import torch
 from shardnet.dht import ServerRecord, ServerState, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
 from shardnet.models import Checkpoint, adapter_for, derive_model_id, load_config, validate_model_id
+from shardnet.models.quantization import check_quant_supported, quantize_span
 from shardnet.server.announcer import Announcer, LoadTrigger
 from shardnet.server.backend import SpanBackend, SpanLimits
 from shardnet.server.config import ServerConfig
@@ -60,12 +61,15 @@ class Server:
             )
         self.num_blocks = num_blocks
         self.checkpoint = Checkpoint(config.model_path)  # fails early on a folder without safetensors
+        check_quant_supported(config.quant, torch.device("cpu"))  # before loading; spans load on the CPU
         self.model_id = validate_model_id(config.model_id or derive_model_id(self.model_config))
         max_position = int(getattr(self.model_config, "max_position_embeddings", config.max_length))
         self.max_length = min(config.max_length, max_position)
         self.max_position = max_position
         self.runtime = ServerRuntime(
-            SessionTable(config.max_cache_tokens, config.max_sessions), config.max_message_bytes
+            SessionTable(config.max_cache_tokens, config.max_sessions),
+            config.max_message_bytes,
+            quant=config.quant,
         )
         self._stop = asyncio.Event()
 
@@ -81,6 +85,7 @@ class Server:
             start=self.config.start,
             end=self.config.end,
             dtype=self.config.dtype,
+            quant=self.config.quant,
             protocol=PROTOCOL_VERSION,
             version=__version__,
             throughput=self.runtime.backend.throughput.steps_per_s if self.runtime.backend else 0.0,
@@ -97,6 +102,8 @@ class Server:
         span = self.adapter.load_span(
             self.checkpoint, self.model_config, self.config.start, self.config.end, dtype
         )
+        # Right after loading, layer by layer: the peak is the span in --dtype, never the whole model.
+        quantize_span(span, self.config.quant, next(span.parameters()).device)
         limits = SpanLimits(
             model_id=self.model_id,
             start=self.config.start,
@@ -157,11 +164,12 @@ class Server:
             reaper.start()
             maddrs = visible_maddrs(self.dht)
             logger.info(
-                "shardnet server ready: model=%s blocks=%d:%d dtype=%s grpc=%s:%d dht=%s load=%.1fs throughput=%.1f steps/s",
+                "shardnet server ready: model=%s blocks=%d:%d dtype=%s quant=%s grpc=%s:%d dht=%s load=%.1fs throughput=%.1f steps/s",
                 self.model_id,
                 cfg.start,
                 cfg.end,
                 cfg.dtype,
+                cfg.quant,
                 cfg.dial_host,
                 self.port,
                 maddrs[0] if maddrs else "?",

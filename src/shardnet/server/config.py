@@ -9,6 +9,7 @@ from pathlib import Path
 from shardnet.errors import ConfigError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+QUANT_NAMES = ("none", "int8", "nf4")  # = shardnet.models.quantization.QUANT_MODES, without importing torch
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -29,6 +30,7 @@ class ServerConfig:
     end: int  # one past the last block served
     initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join; empty = start a new swarm
     dtype: str = "float32"  # compute dtype of the blocks
+    quant: str = "none"  # weight-only quantization of the blocks' linear layers: none, int8 or nf4
     host: str = "127.0.0.1"  # interface the gRPC server listens on
     port: int = 0  # gRPC port; 0 = pick a free one
     announce_host: str | None = None  # host clients dial; default = host
@@ -56,6 +58,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        if self.quant not in QUANT_NAMES:
+            raise ConfigError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_NAMES)}")
         if self.start < 0 or self.end <= self.start:
             raise ConfigError(f"--blocks {self.start}:{self.end} is not a non-empty half-open span")
         if not 0 <= self.port <= 65535 or not 0 <= self.dht_port <= 65535:
