@@ -21,7 +21,7 @@ from shardnet.models.quantization import QUANT_MODES, check_quant_supported, mod
 from shardnet.server.config import QUANT_NAMES
 from shardnet.wire import pb, pb_grpc
 
-from .conftest import reference
+from .conftest import make_llama, reference
 
 bnb = pytest.importorskip("bitsandbytes")
 CPU = torch.device("cpu")
@@ -78,6 +78,14 @@ def test_quantized_bfloat16_span_computes_in_bfloat16(llama_untied, mode):
     hidden = torch.randn(1, 4, 64).to(torch.bfloat16)
     out = _run(span, hidden)
     assert out.dtype == torch.bfloat16 and out.shape == hidden.shape and torch.isfinite(out).all()
+
+
+def test_nf4_runs_layers_whose_width_its_fused_cpu_kernel_cannot_pack(tmp_path):
+    path = make_llama(tmp_path, num_hidden_layers=1, intermediate_size=72)  # 72 rows: not a multiple of 32
+    span = _span(path, 0, 1)
+    quantize_span(span, "nf4", CPU)
+    hidden = torch.randn(1, 3, 64)
+    assert torch.isfinite(_run(span, hidden)).all()
 
 
 def test_quant_none_leaves_the_span_alone(llama_untied):

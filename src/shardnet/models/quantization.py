@@ -7,7 +7,8 @@ by its bitsandbytes counterpart; norms, rotary buffers and everything the client
   time the activations are quantized per row as well, except feature columns holding an outlier above
   ``INT8_THRESHOLD``, which are computed in 16 bits (bitsandbytes', transformers' and Petals' default).
 - ``nf4``: 4-bit NormalFloat (``bnb.nn.Linear4bit``, as in QLoRA): blocks of 64 weights, each with a scale
-  that is itself quantized (double quantization); computed in the span's dtype.
+  that is itself quantized (double quantization); computed in the span's dtype, except on x86 CPUs
+  with AVX512-BF16, where bitsandbytes' fused kernel computes in bfloat16.
 
 Why bitsandbytes (tried on this machine class, x86-64 CPU with torch 2.13.0+cpu, in November 2026):
 
@@ -45,6 +46,7 @@ INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold: larger activation features
 NF4_BLOCK_SIZE = 64  # weights per NF4 scale (bitsandbytes' default)
 _DEVICE_TYPES = ("cpu", "cuda")  # where both modes are documented by bitsandbytes and wired here
 _MIN_CUDA_CAPABILITY = (6, 0)  # bitsandbytes' minimum NVIDIA compute capability
+_CPU_NF4_ROWS = 32  # output rows per block of bitsandbytes' fused CPU NF4 kernel
 
 
 def check_quant_supported(mode: str, device: torch.device) -> None:
@@ -203,6 +205,11 @@ def _nf4_linear(bnb, linear: nn.Linear, device: torch.device) -> nn.Module:
         module=layer,
     )
     layer.weight = weight.to(device)  # Params4bit quantizes on its first move to a real device
+    if linear.out_features % _CPU_NF4_ROWS or linear.in_features % NF4_BLOCK_SIZE:
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a layer for its fused kernel on the first call,
+        # 32 output rows by whole rows of 64-weight blocks, and fails on other shapes: those take its
+        # generic path (dequantize, then matmul).
+        layer.support_avx512bf16_for_cpu = False
     _keep_bias(layer, linear)
     return layer.eval()
 
