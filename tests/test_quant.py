@@ -43,6 +43,16 @@ def _run(span, hidden: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, last], dim=1)
 
 
+def _checkpoint_maps(path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps the model's safetensors files (Linux)."""
+    ranges = []
+    for line in open("/proc/self/maps").read().splitlines():
+        if line.endswith(".safetensors") and str(path) in line:
+            low, high = line.split()[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
 @pytest.mark.parametrize(("mode", "max_bytes_ratio", "max_error"), [("int8", 0.3, 0.05), ("nf4", 0.2, 0.25)])
 def test_quantize_span_replaces_linears_shrinks_memory_and_stays_close(
     llama_untied, mode, max_bytes_ratio, max_error
@@ -63,6 +73,10 @@ def test_quantize_span_replaces_linears_shrinks_memory_and_stays_close(
         if "norm" in name:  # norms (and the rotary buffers) are left as loaded
             assert param.dtype == torch.float32 and torch.equal(param, norms_before[name])
     assert module_bytes(span) <= max_bytes_ratio * float_bytes
+    # Nothing left pointing into the checkpoint's memory map, so the map and its float pages can go.
+    mapped = _checkpoint_maps(llama_untied)
+    for tensor in list(span.parameters()) + list(span.buffers()):
+        assert not any(low <= tensor.data_ptr() < high for low, high in mapped)
 
     hidden = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(0))  # [batch, seq, hidden]
     want, got = _run(exact, hidden), _run(span, hidden)

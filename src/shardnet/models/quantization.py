@@ -31,8 +31,11 @@ float32; the gain is memory. ``benchmarks/quant.py`` measures both and the logit
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -85,6 +88,7 @@ def quantize_span(module: nn.Module, mode: str, device: torch.device) -> None:
             make = _int8_linear if mode == "int8" else _nf4_linear
             setattr(parent, name, make(bnb, child, device))
             replaced += 1
+    _detach_from_checkpoint(module, quantized)
     logger.info(
         "quantized %d linear layers to %s: %.1f MiB -> %.1f MiB%s",
         replaced,
@@ -93,6 +97,28 @@ def quantize_span(module: nn.Module, mode: str, device: torch.device) -> None:
         module_bytes(module) / 2**20,
         "; int8 matmuls take their inputs in float16" if mode == "int8" else "",
     )
+
+
+def _detach_from_checkpoint(module: nn.Module, quantized: tuple[type, ...]) -> None:
+    """Copy what was not quantized (norms, biases, buffers: a few KiB) and give freed memory back.
+
+    safetensors maps the whole checkpoint file and hands out views of that one map, so while a single
+    norm weight still points into it, the map stays and every float weight page read through it stays
+    resident: a quantized span would take more memory than the float one.
+    """
+    for layer in list(module.modules()):
+        if isinstance(layer, quantized):
+            tensors = [layer.bias] if layer.bias is not None else []
+        else:
+            tensors = list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False))
+        for tensor in tensors:
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:  # glibc keeps freed heap pages (the float copies made while quantizing) unless asked
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library (musl): nothing to ask
+            pass
 
 
 def module_bytes(module: nn.Module) -> int:
