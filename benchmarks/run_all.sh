@@ -25,5 +25,7 @@ python benchmarks/memory.py 13b --blocks 0:4 --steps 16 >> "$OUT/memory.jsonl"
 python benchmarks/load.py --model mid --clients 1 4 16 --new-tokens 32 \
     --plot "$OUT/load_mid.png" > "$OUT/load_mid.jsonl"
 python benchmarks/routing.py --servers 50 120 250 --plot "$OUT/routing.png" > "$OUT/routing.jsonl"
+python benchmarks/quant.py --model smollm2 --modes none int8 nf4 --new-tokens 64 \
+    --plot "$OUT/quant_smollm2.png" > "$OUT/quant_smollm2.jsonl"
 python benchmarks/summary.py "$OUT"/hops_smollm2.jsonl "$OUT"/hops_mid.jsonl "$OUT"/hops_tiny.jsonl \
     --plot "$OUT/summary.png" > "$OUT/summary.md"

@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype; auto (default): bfloat16 on GPUs that support it, else float16; float32 on the CPU",
     )
+    serve.add_argument(
+        "--quant",
+        default="none",
+        choices=["none", "int8", "nf4"],
+        help="weight-only quantization of the span's linear layers (bitsandbytes): int8 (LLM.int8) or nf4 "
+        "(4-bit NormalFloat); clients use such servers only when they ask for it (default none: exact)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="gRPC interface (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="gRPC port; 0 = pick one")
     serve.add_argument("--announce-host", default=None, help="address clients dial (default: --host)")
@@ -206,6 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         initial_peers=_peers(args),
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         host=args.host,
         port=args.port,
         announce_host=args.announce_host,

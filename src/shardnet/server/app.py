@@ -16,6 +16,7 @@ from shardnet.dht import ServerRecord, ServerState, announce, start_dht, visible
 from shardnet.errors import ConfigError
 from shardnet.models import Checkpoint, adapter_for, derive_model_id, load_config, validate_model_id
 from shardnet.models.footprint import block_weight_bytes, kv_bytes_per_token
+from shardnet.models.quantization import check_quant_supported, quantize_span
 from shardnet.server.announcer import Announcer, LoadTrigger
 from shardnet.server.backend import SpanBackend, SpanLimits
 from shardnet.server.block_choice import Peers
@@ -87,6 +88,7 @@ class Server:
             )
         self.num_blocks = num_blocks
         self.checkpoint = Checkpoint(config.model_path)  # fails early on a folder without safetensors
+        check_quant_supported(config.quant, self.device)  # before loading anything
         self.model_id = validate_model_id(config.model_id or derive_model_id(self.model_config))
         max_position = int(getattr(self.model_config, "max_position_embeddings", config.max_length))
         self.max_length = min(config.max_length, max_position)
@@ -94,7 +96,9 @@ class Server:
         self._check_fit()
         self.span: tuple[int, int] | None = config.blocks  # chosen in run() for --num-blocks
         self.runtime = ServerRuntime(
-            SessionTable(config.max_cache_tokens, config.max_sessions), config.max_message_bytes
+            SessionTable(config.max_cache_tokens, config.max_sessions),
+            config.max_message_bytes,
+            quant=config.quant,
         )
         self._stop = asyncio.Event()
 
@@ -142,6 +146,7 @@ class Server:
             start=self.span[0],
             end=self.span[1],
             dtype=dtype_name(self.dtype),
+            quant=self.config.quant,
             protocol=PROTOCOL_VERSION,
             version=__version__,
             throughput=self.runtime.backend.throughput.steps_per_s if self.runtime.backend else 0.0,
@@ -156,6 +161,8 @@ class Server:
     def _load_backend(self) -> SpanBackend:
         start, end = self.span
         span = self.adapter.load_span(self.checkpoint, self.model_config, start, end, self.dtype, self.device)
+        # Right after loading, layer by layer: the peak is the span in --dtype, never the whole model.
+        quantize_span(span, self.config.quant, self.device)
         limits = SpanLimits(
             model_id=self.model_id,
             start=start,
@@ -223,12 +230,13 @@ class Server:
             reaper.start()
             maddrs = visible_maddrs(self.dht)
             logger.info(
-                "shardnet server ready: model=%s blocks=%d:%d device=%s dtype=%s grpc=%s:%d dht=%s load=%.1fs "
+                "shardnet server ready: model=%s blocks=%d:%d device=%s dtype=%s quant=%s grpc=%s:%d dht=%s load=%.1fs "
                 "throughput=%.1f steps/s",
                 self.model_id,
                 *self.span,
                 describe_device(self.device),
                 dtype_name(self.dtype),
+                cfg.quant,
                 cfg.dial_host,
                 self.port,
                 maddrs[0] if maddrs else "?",
@@ -248,7 +256,7 @@ class Server:
 
     def _placement(self) -> Placement:
         # Exact servers only until --quant lands; then this server's own quantization.
-        peers = Peers(dtype=dtype_name(self.dtype), quant="none", protocol=PROTOCOL_VERSION)
+        peers = Peers(dtype=dtype_name(self.dtype), quant=self.config.quant, protocol=PROTOCOL_VERSION)
         return Placement(self.dht, self.model_id, self.num_blocks, self.config.num_blocks, peers)
 
     async def _settle(self, placement: Placement, first: FirstLook, announcer: Announcer) -> None:

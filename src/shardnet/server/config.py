@@ -12,6 +12,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what a span computes in, and
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # --dtype: auto = by device (see server/devices.py)
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
+QUANT_NAMES = ("none", "int8", "nf4")  # = shardnet.models.quantization.QUANT_MODES, without importing torch
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -42,6 +43,7 @@ class ServerConfig:
     initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join; empty = start a new swarm
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; auto = the first CUDA GPU, else the CPU
     dtype: str = "auto"  # compute dtype of the blocks; auto = bfloat16/float16 on a GPU, float32 on the CPU
+    quant: str = "none"  # weight-only quantization of the blocks' linear layers: none, int8 or nf4
     host: str = "127.0.0.1"  # interface the gRPC server listens on
     port: int = 0  # gRPC port; 0 = pick a free one
     announce_host: str | None = None  # host clients dial; default = host
@@ -70,6 +72,8 @@ class ServerConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         parse_device(self.device)
+        if self.quant not in QUANT_NAMES:
+            raise ConfigError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_NAMES)}")
         if self.blocks is None and self.num_blocks is None:
             raise ConfigError(
                 "choose what to serve: --num-blocks N (the N blocks the swarm needs most) "

@@ -34,6 +34,7 @@ class ServerRuntime:
 
     sessions: SessionTable
     max_message_bytes: int
+    quant: str = "none"  # weight-only quantization of the span (ServerConfig.quant)
     state: ServerState = ServerState.JOINING
     backend: SpanBackend | None = None  # None until the span's weights are loaded
 
@@ -81,6 +82,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             open_sessions=len(sessions),
             sessions_served=sessions.sessions_served,
             state=self.runtime.state.value,
+            quant=self.runtime.quant,
         )
         if backend is not None:
             limits = backend.limits
