@@ -299,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # transformers imports torchao (a dependency, for --quant int8) whenever it is installed, and torchao
+    # warns at import about kernels a CPU-only torch cannot load: noise, kept off a command's stderr.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         code = COMMANDS[args.command](args)
     except ShardnetError as exc:
