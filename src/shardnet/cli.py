@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quant",
         default="none",
         choices=["none", "int8", "nf4"],
-        help="weight-only quantization of the span's linear layers (bitsandbytes): int8 (LLM.int8) or nf4 "
-        "(4-bit NormalFloat); clients use such servers only when they ask for it (default none: exact)",
+        help="weight-only quantization of the span's linear layers: int8 (torchao, per-row scales) or nf4 "
+        "(bitsandbytes, 4-bit NormalFloat); clients use such servers only when they ask for it "
+        "(default none: exact weights)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="gRPC interface (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="gRPC port; 0 = pick one")

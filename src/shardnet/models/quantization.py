@@ -96,6 +96,7 @@ def quantize_span(module: nn.Module, mode: str, device: torch.device) -> None:
             _int8_in_place(library, linear, device)
         else:
             setattr(parent, name, _nf4_linear(library, linear, device))
+        _trim_heap()  # else the float temporaries of every layer pile up: measured 2x the span at peak
     _let_go_of_checkpoint(module)
     logger.info(
         "quantized %d linear layers to %s: %.1f MiB -> %.1f MiB",
@@ -232,8 +233,25 @@ def _let_go_of_checkpoint(module: nn.Module) -> None:
         if type(tensor) in (torch.Tensor, nn.Parameter):  # not a quantized weight
             tensor.data = tensor.data.clone()
     gc.collect()
-    if sys.platform.startswith("linux"):
-        try:  # glibc keeps freed heap pages (the float copies made while quantizing) unless asked
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # another C library (musl): nothing to ask
-            pass
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS: glibc keeps them, and the quantized weights allocated
+    between a layer's float temporaries keep it from reusing them for the next layer's."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only; musl has none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
