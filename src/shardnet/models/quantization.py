@@ -219,7 +219,11 @@ def _nf4_linear(bnb: ModuleType, linear: nn.Linear, device: torch.device) -> nn.
         layer.support_avx512bf16_for_cpu = False
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-    return layer.eval()
+    layer.eval()
+    if device.type == "cpu":  # repack for the fused CPU kernel now, not in the first request's step
+        with torch.no_grad():
+            layer(torch.zeros(1, linear.in_features, dtype=dtype, device=device))
+    return layer
 
 
 def _let_go_of_checkpoint(module: nn.Module) -> None:
