@@ -83,24 +83,26 @@ def quantize_span(module: nn.Module, mode: str, device: torch.device) -> None:
         return
     library = _library(mode)
     before = module_bytes(module)
-    linears = [
-        (parent, name, child)
+    targets = [
+        (parent, name)
         for parent in list(module.modules())
         for name, child in parent.named_children()
         if _is_float_linear(child)
     ]
-    for parent, name, linear in linears:
+    for parent, name in targets:
+        linear = getattr(parent, name)
         if linear.weight.device.type != device.type:
             raise ValueError(f"quantize_span: weights are on {linear.weight.device}, not on {device}")
         if mode == "int8":
             _int8_in_place(library, linear, device)
         else:
             setattr(parent, name, _nf4_linear(library, linear, device))
+        del linear  # the float weight goes now (nothing else may hold it), not when the loop ends
         _trim_heap()  # else the float temporaries of every layer pile up: measured 2x the span at peak
     _let_go_of_checkpoint(module)
     logger.info(
         "quantized %d linear layers to %s: %.1f MiB -> %.1f MiB",
-        len(linears),
+        len(targets),
         mode,
         before / 2**20,
         module_bytes(module) / 2**20,
