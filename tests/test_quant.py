@@ -24,8 +24,31 @@ from shardnet.wire import pb, pb_grpc
 from .conftest import make_llama, reference
 
 bnb = pytest.importorskip("bitsandbytes")
+torchao_quantization = pytest.importorskip("torchao.quantization")
 CPU = torch.device("cpu")
-QUANTIZED = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
+
+
+def _quantized_layers(span, mode: str) -> list[nn.Module]:
+    """The span's linear layers in their quantized form: int8 keeps nn.Linear with a torchao weight,
+    nf4 replaces the layer with bitsandbytes' Linear4bit."""
+    if mode == "int8":
+        return [
+            m
+            for m in span.modules()
+            if type(m) is nn.Linear and isinstance(m.weight, torchao_quantization.Int8Tensor)
+        ]
+    return [m for m in span.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _leaf_tensors(span) -> list[torch.Tensor]:
+    """Every tensor holding the span's memory, the ones inside torchao's weights included."""
+    tensors = []
+    for tensor in list(span.parameters()) + list(span.buffers()):
+        if hasattr(tensor, "__tensor_flatten__"):
+            tensors.extend(getattr(tensor, name) for name in tensor.__tensor_flatten__()[0])
+        else:
+            tensors.append(tensor)
+    return tensors
 
 
 def _span(path, start: int, end: int, dtype: torch.dtype = torch.float32):
@@ -63,19 +86,18 @@ def test_quantize_span_replaces_linears_shrinks_memory_and_stays_close(
 
     quantize_span(span, mode, CPU)
 
-    kinds = [type(m) for m in span.modules()]
-    assert nn.Linear not in kinds
-    assert kinds.count(QUANTIZED[mode]) == 3 * 7  # q, k, v, o, gate, up, down per block
-    for layer in span.modules():
-        if isinstance(layer, QUANTIZED[mode]):
-            assert layer.weight.dtype == (torch.int8 if mode == "int8" else torch.uint8)
+    layers = _quantized_layers(span, mode)
+    assert len(layers) == 3 * 7  # q, k, v, o, gate, up, down per block: every linear layer
+    for layer in layers:
+        data = layer.weight.qdata if mode == "int8" else layer.weight
+        assert data.dtype == (torch.int8 if mode == "int8" else torch.uint8)
     for name, param in span.named_parameters():
         if "norm" in name:  # norms (and the rotary buffers) are left as loaded
             assert param.dtype == torch.float32 and torch.equal(param, norms_before[name])
     assert module_bytes(span) <= max_bytes_ratio * float_bytes
     # Nothing left pointing into the checkpoint's memory map, so the map and its float pages can go.
     mapped = _checkpoint_maps(llama_untied)
-    for tensor in list(span.parameters()) + list(span.buffers()):
+    for tensor in _leaf_tensors(span):
         assert not any(low <= tensor.data_ptr() < high for low, high in mapped)
 
     hidden = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(0))  # [batch, seq, hidden]
@@ -83,6 +105,19 @@ def test_quantize_span_replaces_linears_shrinks_memory_and_stays_close(
     # Compare what the blocks add to the residual stream, not the stream itself (which carries the input).
     error = ((got - want).norm() / (want - hidden).norm()).item()
     assert 0 < error < max_error, error
+
+
+def test_int8_is_weight_only_the_float_span_with_rounded_weights(llama_untied):
+    span, rounded = _span(llama_untied, 0, 2), _span(llama_untied, 0, 2)
+    quantize_span(span, "int8", CPU)
+    weights = {name: module.weight for name, module in span.named_modules() if isinstance(module, nn.Linear)}
+    with torch.no_grad():
+        for name, module in rounded.named_modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(weights[name].dequantize())
+    hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    # Activations stay float: the result is the float span's with each weight rounded to its int8 grid.
+    assert torch.allclose(_run(span, hidden), _run(rounded, hidden), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
@@ -118,10 +153,11 @@ def test_unavailable_modes_are_one_line_config_errors(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"--quant int8 on cuda: .*no CUDA"):
             check_quant_supported("int8", torch.device("cuda"))
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(ConfigError, match=r"--quant int8 needs bitsandbytes") as raised:
-        check_quant_supported("int8", CPU)
-    assert "\n" not in str(raised.value)
+    for mode, library in (("int8", "torchao"), ("nf4", "bitsandbytes")):
+        monkeypatch.setitem(sys.modules, library, None)  # as if not installed
+        with pytest.raises(ConfigError, match=rf"--quant {mode} needs {library}, .*pip install") as raised:
+            check_quant_supported(mode, CPU)
+        assert "\n" not in str(raised.value)
 
 
 def test_every_layer_knows_the_same_modes():

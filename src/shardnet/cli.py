@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quant",
         default="none",
         choices=["none", "int8", "nf4"],
-        help="weight-only quantization of the span's linear layers (bitsandbytes): int8 (LLM.int8) or nf4 "
-        "(4-bit NormalFloat); clients use such servers only when they ask for it (default none: exact)",
+        help="weight-only quantization of the span's linear layers: int8 (torchao, per-row scales) or nf4 "
+        "(bitsandbytes, 4-bit NormalFloat); clients use such servers only when they ask for it "
+        "(default none: exact weights)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="gRPC interface (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="gRPC port; 0 = pick one")
@@ -328,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # transformers imports torchao (a dependency, for --quant int8) whenever it is installed, and torchao
+    # warns at import about kernels a CPU-only torch cannot load: noise, kept off a command's stderr.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         code = COMMANDS[args.command](args)
     except ShardnetError as exc:

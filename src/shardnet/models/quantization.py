@@ -1,32 +1,32 @@
-"""Weight-only quantization of a served span (``shardnet serve --quant none|int8|nf4``), with bitsandbytes.
+"""Weight-only quantization of a served span (``shardnet serve --quant none|int8|nf4``).
 
-Each ``nn.Linear`` of the span (attention and MLP projections) is replaced, one at a time and in place,
-by its bitsandbytes counterpart; norms, rotary buffers and everything the client keeps stay as loaded.
+Every ``nn.Linear`` of the span (attention and MLP projections) is quantized in place, one layer at a
+time; norms, rotary buffers and everything the client keeps stay as loaded. Activations are never
+quantized: each matmul takes the span's dtype on its input side.
 
-- ``int8``: LLM.int8() (``bnb.nn.Linear8bitLt``): weights int8 with one scale per output row. At matmul
-  time the activations are quantized per row as well, except feature columns holding an outlier above
-  ``INT8_THRESHOLD``, which are computed in 16 bits (bitsandbytes', transformers' and Petals' default).
-- ``nf4``: 4-bit NormalFloat (``bnb.nn.Linear4bit``, as in QLoRA): blocks of 64 weights, each with a scale
-  that is itself quantized (double quantization); computed in the span's dtype, except on x86 CPUs
-  with AVX512-BF16, where bitsandbytes' fused kernel computes in bfloat16.
+- ``int8``: torchao's ``Int8WeightOnlyConfig``: int8 weights with one scale per output row (symmetric);
+  each matmul casts the int8 weight to the activations' dtype and scales the product.
+- ``nf4``: bitsandbytes' ``Linear4bit`` with 4-bit NormalFloat (QLoRA's format): blocks of 64 weights,
+  each with a scale that is itself quantized; computed in the span's dtype, except on x86 CPUs with
+  AVX512-BF16, where bitsandbytes' fused kernel computes in bfloat16.
 
-Why bitsandbytes (tried on this machine class, x86-64 CPU with torch 2.13.0+cpu, in November 2026):
+Why these two libraries (tried on this machine class, x86-64 CPU, torch 2.13.0+cpu, November 2026; each
+installs from one wheel that pulls neither torch nor CUDA packages, and both are released monthly):
 
-- bitsandbytes 0.50.2 installs as one wheel that needs only torch, numpy and packaging (no CUDA
-  packages), ships CPU and CUDA kernels together, and ran both modes here in float32, bfloat16 and
-  float16. Its support table documents int8 and nf4 on CPU (x86-64 with AVX2, aarch64) and on NVIDIA
-  GPUs (compute capability 6.0+, 7.5+ recommended; a fused 4-bit kernel for one-token decode steps).
-  It is the library of transformers' ``load_in_8bit/4bit`` and of Petals' ``--quant_type``, released
-  monthly. One library covers both modes with stable, non-prototype APIs.
-- torchao 0.18.0 also installs cleanly; its ``Int8WeightOnlyConfig`` works on CPU (a little faster than
-  bitsandbytes' int8 there), but NF4 lives in ``torchao.prototype`` ("file location temporary"), fails on
-  SmolLM2's shapes (576 x 576 weights: 5184 scales are not a multiple of its 256-scale blocks) and ran a
-  576 x 1536 decode matmul 10x slower than bitsandbytes' NF4 on CPU; its releases follow torch's closely.
-- optimum-quanto 0.2.7 (last release March 2025) has no NF4; its qint4 failed under
+- bitsandbytes 0.50.2 is the reference NF4 (transformers' ``load_in_4bit``, Petals' ``--quant_type nf4``)
+  and documents it on CPU (x86-64 with AVX2, aarch64) and NVIDIA GPUs (compute capability 6.0+); it ran
+  here in float32, bfloat16 and float16. Its int8 is LLM.int8(), which is not weight-only: it quantizes
+  the activations too (all but outlier columns above 6.0), and on SmolLM2 its logits strayed 4x further
+  from the float model's than weight-only int8 (mean abs 0.79 against 0.21, four prompts), and ran slower.
+- torchao 0.18.0's int8 weight-only is exactly per-row int8 weights (its logits equal a float model with
+  rounded weights), runs on CPU and CUDA with plain torch ops, and was the fastest int8 here. Its NF4 is
+  a prototype (``torchao.prototype``) that fails on SmolLM2's shapes (5184 scales per 576 x 576 weight
+  are not a multiple of its 256-scale blocks) and ran a decode matmul 10x slower than bitsandbytes'.
+- optimum-quanto 0.2.7 (last release March 2025) has no NF4, and its qint4 failed under
   ``torch.inference_mode`` ("Cannot set version_counter for inference tensor"), which every span runs in.
 
-On CPU both modes dequantize (or quantize activations) on the fly, so a step is slower than unquantized
-float32; the gain is memory. ``benchmarks/quant.py`` measures both and the logits' deviation.
+On CPU a quantized step is not faster than float32 (weights are expanded on the fly); the gain is
+memory. ``benchmarks/quant.py`` measures memory, speed and the logits' deviation per mode.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import gc
 import importlib
 import logging
 import sys
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -45,11 +46,15 @@ from shardnet.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "nf4")  # what --quant takes and a server announces
-INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold: larger activation features are computed in 16 bits
 NF4_BLOCK_SIZE = 64  # weights per NF4 scale (bitsandbytes' default)
-_DEVICE_TYPES = ("cpu", "cuda")  # where both modes are documented by bitsandbytes and wired here
-_MIN_CUDA_CAPABILITY = (6, 0)  # bitsandbytes' minimum NVIDIA compute capability
+_LIBRARIES = {"int8": ("torchao", "torchao>=0.18"), "nf4": ("bitsandbytes", "bitsandbytes>=0.50")}
+_DEVICE_TYPES = ("cpu", "cuda")  # where both libraries document their mode and shardnet wires it
+_MIN_CUDA_CAPABILITY = {"nf4": (6, 0)}  # bitsandbytes' minimum NVIDIA compute capability
 _CPU_NF4_ROWS = 32  # output rows per block of bitsandbytes' fused CPU NF4 kernel
+# Loggers that warn at import about optional kernels this use does not need (CUDA-only extensions of
+# torchao on a CPU build, a kernel package from the Hugging Face hub for bitsandbytes, a torch.compile
+# deprecation in torchao's type registrations); quiet while the library imports.
+_IMPORT_NOISE = ("torchao", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
 
 
 def check_quant_supported(mode: str, device: torch.device) -> None:
@@ -62,7 +67,7 @@ def check_quant_supported(mode: str, device: torch.device) -> None:
         raise ConfigError(
             f"--quant {mode} is not available on {device.type}: it runs on {' and '.join(_DEVICE_TYPES)} only"
         )
-    _bitsandbytes(mode)
+    _library(mode)
     if device.type == "cuda":
         _check_cuda(mode, device)
 
@@ -70,117 +75,105 @@ def check_quant_supported(mode: str, device: torch.device) -> None:
 def quantize_span(module: nn.Module, mode: str, device: torch.device) -> None:
     """Quantize every ``nn.Linear`` inside ``module`` in place; its weights must already be on ``device``.
 
-    Layers are replaced one at a time, so memory peaks at the loaded span plus one layer's copy.
+    One layer at a time, so memory peaks at the loaded span plus one layer's copy; afterwards nothing
+    of the float weights stays resident (see ``_let_go_of_checkpoint``).
     """
     check_quant_supported(mode, device)
     if mode == "none":
         return
-    bnb = _bitsandbytes(mode)
-    quantized = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    library = _library(mode)
     before = module_bytes(module)
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or isinstance(child, quantized):
-                continue
-            if child.weight.device.type != device.type:
-                raise ValueError(f"quantize_span: weights are on {child.weight.device}, not on {device}")
-            make = _int8_linear if mode == "int8" else _nf4_linear
-            setattr(parent, name, make(bnb, child, device))
-            replaced += 1
-    _detach_from_checkpoint(module, quantized)
+    targets = [
+        (parent, name)
+        for parent in list(module.modules())
+        for name, child in parent.named_children()
+        if _is_float_linear(child)
+    ]
+    for parent, name in targets:
+        linear = getattr(parent, name)
+        if linear.weight.device.type != device.type:
+            raise ValueError(f"quantize_span: weights are on {linear.weight.device}, not on {device}")
+        if mode == "int8":
+            _int8_in_place(library, linear, device)
+        else:
+            setattr(parent, name, _nf4_linear(library, linear, device))
+        del linear  # the float weight goes now (nothing else may hold it), not when the loop ends
+        _trim_heap()  # else the float temporaries of every layer pile up: measured 2x the span at peak
+    _let_go_of_checkpoint(module)
     logger.info(
-        "quantized %d linear layers to %s: %.1f MiB -> %.1f MiB%s",
-        replaced,
+        "quantized %d linear layers to %s: %.1f MiB -> %.1f MiB",
+        len(targets),
         mode,
         before / 2**20,
         module_bytes(module) / 2**20,
-        "; int8 matmuls take their inputs in float16" if mode == "int8" else "",
     )
 
 
-def _detach_from_checkpoint(module: nn.Module, quantized: tuple[type, ...]) -> None:
-    """Copy what was not quantized (norms, biases, buffers: a few KiB) and give freed memory back.
-
-    safetensors maps the whole checkpoint file and hands out views of that one map, so while a single
-    norm weight still points into it, the map stays and every float weight page read through it stays
-    resident: a quantized span would take more memory than the float one.
-    """
-    for layer in list(module.modules()):
-        if isinstance(layer, quantized):
-            tensors = [layer.bias] if layer.bias is not None else []
-        else:
-            tensors = list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False))
-        for tensor in tensors:
-            tensor.data = tensor.data.clone()
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:  # glibc keeps freed heap pages (the float copies made while quantizing) unless asked
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # another C library (musl): nothing to ask
-            pass
-
-
 def module_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers, with bitsandbytes' scales and quantization state."""
+    """Bytes held by a module's parameters and buffers, quantized data and scales included."""
     seen: dict[int, int] = {}
 
     def count(tensor: object) -> None:
-        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-            storage = tensor.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        count(tensor)
-        count(getattr(tensor, "SCB", None))  # int8: one scale per output row
-        state = getattr(tensor, "quant_state", None)  # nf4: block scales, code book, nested scales
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        if hasattr(tensor, "__tensor_flatten__"):  # a torchao tensor: count the tensors it wraps
+            for name in tensor.__tensor_flatten__()[0]:
+                count(getattr(tensor, name))
+            return
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        state = getattr(tensor, "quant_state", None)  # bitsandbytes NF4: block scales, code book, nested
         while state is not None:
             count(state.absmax)
             count(state.code)
             count(getattr(state, "offset", None))
             state = getattr(state, "state2", None)
+
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        count(tensor)
     return sum(seen.values())
 
 
-class _DropFloat16CastNotice(logging.Filter):
-    """bitsandbytes logs a WARNING at every int8 matmul whose input is not float16 (every step of a
-    float32 or bfloat16 span); ``quantize_span`` says it once at INFO instead."""
+def _is_float_linear(layer: nn.Module) -> bool:
+    """An ``nn.Linear`` (or subclass) whose weight is still a plain float tensor."""
+    return (
+        isinstance(layer, nn.Linear)
+        and type(layer.weight) in (torch.Tensor, nn.Parameter)
+        and layer.weight.dtype.is_floating_point
+    )
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
-
-def _bitsandbytes(mode: str):
-    # On CPUs with AVX512-BF16, importing bitsandbytes warns that an optional kernel package from the
-    # Hugging Face hub is missing; its built-in kernel is used instead, so the warning is noise here.
-    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops.level
-    cpu_ops.setLevel(logging.ERROR)
+def _library(mode: str) -> ModuleType:
+    name, requirement = _LIBRARIES[mode]
+    levels = {logger_name: logging.getLogger(logger_name).level for logger_name in _IMPORT_NOISE}
+    for logger_name in levels:
+        logging.getLogger(logger_name).setLevel(logging.ERROR)
     try:
-        bnb = importlib.import_module("bitsandbytes")
+        return importlib.import_module(name)
     except Exception as exc:  # ImportError, or a broken install failing as it loads its libraries
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(
-            f"--quant {mode} needs bitsandbytes, which cannot be imported here ({reason}); "
-            "install it with: pip install 'bitsandbytes>=0.50'"
+            f"--quant {mode} needs {name}, which cannot be imported here ({reason}); "
+            f"install it with: pip install '{requirement}'"
         ) from None
     finally:
-        cpu_ops.setLevel(level)
-    matmul_log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropFloat16CastNotice) for f in matmul_log.filters):
-        matmul_log.addFilter(_DropFloat16CastNotice())
-    return bnb
+        for logger_name, level in levels.items():
+            logging.getLogger(logger_name).setLevel(level)
 
 
 def _check_cuda(mode: str, device: torch.device) -> None:
     if not torch.cuda.is_available():
         raise ConfigError(f"--quant {mode} on {device}: this torch build sees no CUDA device")
     capability = torch.cuda.get_device_capability(device)
-    if capability < _MIN_CUDA_CAPABILITY:
+    needed = _MIN_CUDA_CAPABILITY.get(mode)
+    if needed and capability < needed:
         raise ConfigError(
             f"--quant {mode} is not available on {device} ({torch.cuda.get_device_name(device)}, compute "
-            f"capability {capability[0]}.{capability[1]}): bitsandbytes needs 6.0 or newer"
+            f"capability {capability[0]}.{capability[1]}): {_LIBRARIES[mode][0]} needs "
+            f"{needed[0]}.{needed[1]} or newer"
         )
+    if mode != "nf4":
+        return
     # bitsandbytes loads the CUDA library matching torch's CUDA at import, and puts a stand-in that
     # fails on first use in its place when none matches; refuse now rather than at the first step.
     try:
@@ -194,26 +187,16 @@ def _check_cuda(mode: str, device: torch.device) -> None:
         )
 
 
-def _int8_linear(bnb, linear: nn.Linear, device: torch.device) -> nn.Module:
-    with torch.device("meta"):  # no throwaway float weight
-        layer = bnb.nn.Linear8bitLt(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            has_fp16_weights=False,
-            threshold=INT8_THRESHOLD,
-        )
-    # Int8Params quantizes when moved from the CPU to a device (also CPU to CPU); from a GPU it would only
-    # be copied, so a GPU weight goes through the CPU, one layer at a time (as transformers does).
-    weight = linear.weight.detach().to("cpu")
-    layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
-    _keep_bias(layer, linear)
-    return layer.eval()
+def _int8_in_place(torchao: ModuleType, linear: nn.Linear, device: torch.device) -> None:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    # set_inductor_config=False: leave torch.compile's global settings alone (spans run eagerly).
+    quantize_(linear, Int8WeightOnlyConfig(set_inductor_config=False), device=device)
 
 
-def _nf4_linear(bnb, linear: nn.Linear, device: torch.device) -> nn.Module:
+def _nf4_linear(bnb: ModuleType, linear: nn.Linear, device: torch.device) -> nn.Module:
     dtype = linear.weight.dtype
-    with torch.device("meta"):
+    with torch.device("meta"):  # no throwaway float weight
         layer = bnb.nn.Linear4bit(
             linear.in_features,
             linear.out_features,
@@ -236,10 +219,45 @@ def _nf4_linear(bnb, linear: nn.Linear, device: torch.device) -> nn.Module:
         # 32 output rows by whole rows of 64-weight blocks, and fails on other shapes: those take its
         # generic path (dequantize, then matmul).
         layer.support_avx512bf16_for_cpu = False
-    _keep_bias(layer, linear)
-    return layer.eval()
-
-
-def _keep_bias(layer: nn.Module, linear: nn.Linear) -> None:
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    layer.eval()
+    if device.type == "cpu":  # repack for the fused CPU kernel now, not in the first request's step
+        with torch.no_grad():
+            layer(torch.zeros(1, linear.in_features, dtype=dtype, device=device))
+    return layer
+
+
+def _let_go_of_checkpoint(module: nn.Module) -> None:
+    """Copy what was not quantized (norms, biases, buffers: a few KiB) and give freed memory back.
+
+    safetensors maps the whole checkpoint file and hands out views of that one map, so while a single
+    norm weight still points into it, the map stays and every float weight page read through it stays
+    resident: a quantized SmolLM2 server took 1193 MiB against 825 MiB unquantized before this.
+    """
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if type(tensor) in (torch.Tensor, nn.Parameter):  # not a quantized weight
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS: glibc keeps them, and the quantized weights allocated
+    between a layer's float temporaries keep it from reusing them for the next layer's."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only; musl has none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
