@@ -6,6 +6,8 @@ single block); prompts (9 tokens) are longer than the sliding window (4) of the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -20,14 +22,48 @@ SPANS = [(0, 1), (1, 3), (3, 4)]
 assert PROMPT_LEN > WINDOW
 
 
-@pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def served(request, tmp_path_factory):
+ORDER = list(ARCHITECTURES)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Swarms started ahead of their tests, by architecture; whatever was not used stops with the module."""
+    pending: dict[str, tuple[Path, LocalSwarm]] = {}
+
+    def launch(arch: str) -> tuple[Path, LocalSwarm]:
+        path = build_model(arch, tmp_path_factory.mktemp(arch))
+        swarm = LocalSwarm(path, SPANS, log_dir=tmp_path_factory.mktemp(f"logs_{arch}"), torch_threads=1)
+        try:
+            swarm.start_dht()
+            for start, end in SPANS:
+                swarm.start_server(start, end)
+        except BaseException:
+            swarm.stop()
+            raise
+        return path, swarm
+
+    yield pending, launch
+    for _, swarm in pending.values():
+        swarm.stop()
+
+
+@pytest.fixture(scope="module", params=ORDER)
+def served(request, launched):
     """(swarm client, local transformers model) for one architecture; the swarm stops with the module's
-    last test of that architecture."""
-    path = build_model(request.param, tmp_path_factory.mktemp(request.param))
-    swarm = LocalSwarm(path, SPANS, log_dir=tmp_path_factory.mktemp(f"logs_{request.param}"), torch_threads=1)
-    swarm.start(timeout_s=180)
-    client = ShardedModel.from_pretrained(path, swarm.initial_peers)
+    last test of that architecture. The next architecture's swarm starts now, so its processes load while
+    this one is tested (no client exists yet: the DHT node it forks sees no gRPC call in flight)."""
+    pending, launch = launched
+    arch = request.param
+    path, swarm = pending.pop(arch, None) or launch(arch)
+    following = ORDER.index(arch) + 1
+    if following < len(ORDER) and ORDER[following] not in pending:
+        pending[ORDER[following]] = launch(ORDER[following])
+    try:
+        swarm.wait_ready(timeout_s=180)
+        client = ShardedModel.from_pretrained(path, swarm.initial_peers)
+    except BaseException:
+        swarm.stop()
+        raise
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     yield client, local
     client.close()

@@ -16,12 +16,13 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from shardnet import ShardedModel, devices
+from shardnet.devices import parse_device, resolve_device, resolve_dtype
 from shardnet.errors import ConfigError, ModelLoadError
 from shardnet.models import Checkpoint, SpanInputs, adapter_for, load_config
 from shardnet.models.footprint import block_of, block_weight_bytes, kv_bytes_per_token
-from shardnet.server import devices
-from shardnet.server.config import ServerConfig, parse_device
-from shardnet.server.devices import SpanFootprint, check_fit, resolve_device, resolve_dtype
+from shardnet.server.config import ServerConfig
+from shardnet.server.fit import SpanFootprint, check_fit
 
 GIB = 1 << 30
 HAS_CUDA = torch.cuda.is_available()
@@ -83,6 +84,36 @@ def test_cuda_without_cuda_is_refused():
 def test_mps_without_mps_is_refused():
     with pytest.raises(ConfigError, match="MPS is not available"):
         resolve_device("mps")
+
+
+# ---- the client's device (from_pretrained(device=...)) ----
+
+_NO_DHT_HERE = ["/ip4/127.0.0.1/tcp/9/p2p/QmNotARealPeerButTheCheckComesFirstAnyway1111111"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
+def test_client_on_cuda_without_cuda_is_refused_before_joining(llama_untied):
+    with pytest.raises(ConfigError, match=r"device='cuda': CUDA is not available .*use device='cpu' or auto"):
+        ShardedModel.from_pretrained(llama_untied, _NO_DHT_HERE, device="cuda")
+
+
+def test_client_device_must_be_a_device(llama_untied):
+    with pytest.raises(
+        ConfigError, match=r"device='gpu0' is not a device: use auto, cpu, cuda, cuda:N or mps"
+    ):
+        ShardedModel.from_pretrained(llama_untied, _NO_DHT_HERE, device="gpu0")
+
+
+def test_client_head_computes_on_its_device_from_host_inputs(llama_untied):
+    """The head takes ids and hidden states from the host (the wire) and computes on its own device."""
+    config = load_config(llama_untied)
+    head = adapter_for(config).load_head(
+        Checkpoint(llama_untied), config, torch.float32, resolve_device("auto")
+    )
+    ids = torch.tensor([[5, 6, 7]])
+    hidden = head.embed(ids, torch.arange(3)[None])
+    assert hidden.device == head.device == resolve_device("auto")
+    assert head.logits(hidden.cpu()).device == head.device
 
 
 def test_dtype_auto_by_device(monkeypatch):

@@ -1,4 +1,4 @@
-"""DHT records: signed per server, schema-checked, and the status command shows the swarm."""
+"""DHT records: signed per server, schema-checked."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from hivemind.utils import get_dht_time
 
 from shardnet.dht import ServerRecord, block_key, lookup, start_dht
 from shardnet.dht.swarm import owned_subkey
-
-from .conftest import shardnet_status
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +60,3 @@ def test_unsigned_and_malformed_records_are_refused(dht_pair):
 def test_record_schema_rejects_bad_spans():
     with pytest.raises(ValueError):
         _record(start=3, end=3)
-
-
-def test_status_lists_servers(swarm):
-    stdout = shardnet_status(swarm)
-    assert f"{len(swarm.spans)} servers" in stdout
-    assert "(architecture llama)" in stdout
-    for start, end in swarm.spans:
-        assert f"{start}:{end}" in stdout
-    assert "all blocks covered" in stdout

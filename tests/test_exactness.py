@@ -7,7 +7,7 @@ import torch
 
 from shardnet import ShardedModel
 
-from .conftest import reference
+from .conftest import reference, shardnet_status
 
 PROMPT_LEN = 9
 
@@ -176,3 +176,13 @@ def test_chunked_steps_on_top_of_a_cache_match(chunked):
         want = local(torch.cat([prompt, more], dim=1)).logits
     assert (first - want[:, :21]).abs().max().item() <= 1e-4
     assert (second - want[:, 21:]).abs().max().item() <= 1e-4
+
+
+def test_status_lists_servers(swarm):
+    """`shardnet status` on each layout (here, where the layouts' swarms are running anyway)."""
+    stdout = shardnet_status(swarm)
+    assert f"{len(swarm.spans)} servers" in stdout
+    assert "(architecture llama)" in stdout
+    for start, end in swarm.spans:
+        assert f"{start}:{end}" in stdout
+    assert "all blocks covered" in stdout

@@ -204,7 +204,6 @@ def cmd_dht(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from shardnet.server.app import run_server
     from shardnet.server.config import ServerConfig
 
     config = ServerConfig(
@@ -232,6 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_idle_timeout_s=args.session_idle_timeout,
         max_chunk_tokens=args.max_chunk_tokens,
     )
+    from shardnet.server.app import run_server  # after the flags are checked: a bad one fails at once
+
     run_server(config)
     return 0
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardnet.devices import parse_device
 from shardnet.errors import ConfigError
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,6 +17,7 @@ QUANT_MODES = ("none", "int8", "nf4")  # weight-only quantization a server may a
 @dataclass(frozen=True)
 class ClientConfig:
     dtype: torch.dtype = torch.float32  # dtype of the local parts and of the activations sent
+    device: str = "cpu"  # where the local parts compute: auto | cpu | cuda | cuda:N | mps
     route_timeout_s: float = 30.0  # how long to wait for usable servers covering the blocks needed
     request_timeout_s: float = 120.0  # a server that does not answer one step or forward in time has failed
     max_retries: int = 3  # failovers allowed for one step (or one forward) before its error is raised
@@ -30,6 +32,7 @@ class ClientConfig:
             raise ConfigError(
                 f"dtype {self.dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16"
             )
+        object.__setattr__(self, "device", parse_device(self.device, flag="device"))
         for name in ("route_timeout_s", "request_timeout_s", "refresh_interval_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 from shardnet.client.conversation import Conversation
+from shardnet.devices import HOST  # tokens are chosen on the host, whatever device the LM head is on
 from shardnet.errors import GenerationError
 
 logger = logging.getLogger(__name__)
@@ -104,13 +105,13 @@ def prefill(
 ) -> torch.Tensor:
     """Send the prompt (after any token still pending from a previous call); logits of the last position."""
     conversation.append(input_ids, attention_mask)
-    return conversation.flush(last_only=True)[:, -1].to(torch.float32)  # [batch, vocab]
+    return conversation.flush(last_only=True)[:, -1].to(HOST, torch.float32)  # [batch, vocab]
 
 
 def decode_one_token(conversation: Conversation, token: torch.Tensor) -> torch.Tensor:
     """Send one token per row; logits [batch, vocab] of the next position."""
     conversation.append(token[:, None])
-    return conversation.flush(last_only=True)[:, -1].to(torch.float32)
+    return conversation.flush(last_only=True)[:, -1].to(HOST, torch.float32)
 
 
 def sample(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:

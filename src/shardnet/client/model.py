@@ -23,6 +23,7 @@ from shardnet.client.routing import RouteHop
 from shardnet.client.session import InferenceSession
 from shardnet.client.swarm_view import SwarmView
 from shardnet.client.transport import Transport
+from shardnet.devices import HOST, make_current, resolve_device
 from shardnet.errors import ConfigError, GenerationError
 from shardnet.models import Checkpoint, ClientHead, adapter_for, load_config
 
@@ -71,6 +72,7 @@ class ShardedModel:
         *,
         model_id: str | None = None,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
         dht: hivemind.DHT | None = None,
         allowed_servers: Iterable[str] | None = None,
         blocked_servers: Iterable[str] | None = None,
@@ -84,7 +86,9 @@ class ShardedModel:
         """Load the client-side weights from a local model folder and join the swarm.
 
         ``dtype`` is the dtype of the local parts and of the activations sent; only servers computing in
-        the same dtype are used. ``allowed_servers`` / ``blocked_servers``: peer ids (base58) to use
+        the same dtype are used. ``device``: where the local parts (embeddings, LM head) compute: "cpu"
+        (the default), "cuda", "cuda:N", "mps" or "auto"; servers use their own devices either way, and
+        activations cross the wire on the host. ``allowed_servers`` / ``blocked_servers``: peer ids (base58) to use
         exclusively / never. ``quant``: quantizations of servers to route through: "none" (exact
         weights, the default), "int8", "nf4", several of them, or "any". ``route_timeout_s``: how long to wait for usable servers covering the blocks.
         ``request_timeout_s``: a server that does not answer one step (or forward) in time counts as
@@ -92,6 +96,7 @@ class ShardedModel:
         """
         client_config = ClientConfig(
             dtype=dtype,
+            device=str(device),
             route_timeout_s=route_timeout_s,
             request_timeout_s=request_timeout_s,
             max_retries=max_retries,
@@ -104,7 +109,9 @@ class ShardedModel:
         if not initial_peers and dht is None:
             raise ConfigError("initial_peers is empty: pass the multiaddrs printed by `shardnet dht`")
         config = load_config(model_path)
-        head = adapter_for(config).load_head(Checkpoint(model_path), config, dtype)
+        where = resolve_device(client_config.device, flag="device")  # ConfigError if this machine lacks it
+        make_current(where)
+        head = adapter_for(config).load_head(Checkpoint(model_path), config, dtype, where)
         try:
             generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
         except OSError:
@@ -145,7 +152,8 @@ class ShardedModel:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        """Where the local parts compute and where ``forward`` returns logits."""
+        return self.head.device
 
     # ---- routing and sessions ----
 
@@ -204,6 +212,8 @@ class ShardedModel:
         if unused:
             raise GenerationError(f"forward() got unsupported arguments: {', '.join(sorted(unused))}")
         input_ids = _as_ids(input_ids)
+        attention_mask = None if attention_mask is None else attention_mask.to(HOST)
+        position_ids = None if position_ids is None else position_ids.to(HOST)
         conversation = self._conversation.get()
         if conversation is not None:
             conversation.check_room(input_ids.shape[0], input_ids.shape[1])
@@ -241,8 +251,12 @@ class ShardedModel:
         """Like transformers' generate (greedy or sampling): returns ``input_ids`` followed by new tokens.
 
         Inside ``inference_session`` a call continues the conversation: ``input_ids`` are the new tokens only.
+        Tokens are chosen on the host; the result comes back on the device ``input_ids`` came on.
         """
-        input_ids = _as_ids(input_ids if input_ids is not None else inputs)
+        given = input_ids if input_ids is not None else inputs
+        device = given.device if isinstance(given, torch.Tensor) else HOST
+        input_ids = _as_ids(given)
+        attention_mask = None if attention_mask is None else attention_mask.to(HOST)
         config = generation.resolve_config(self.generation_config, generation_config, kwargs)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise GenerationError(
@@ -254,12 +268,12 @@ class ShardedModel:
             conversation.check_room(input_ids.shape[0], input_ids.shape[1] + budget)
             out = generation.generate(conversation, input_ids, attention_mask, config, streamer)
             self.last_route = conversation.route
-            return out
+            return out.to(device)
         budget = generation.new_token_budget(config, input_ids.shape[1])
         with self.inference_session(max_length=input_ids.shape[1] + max(budget, 1)) as conversation:
             out = generation.generate(conversation, input_ids, attention_mask, config, streamer)
             self.last_route = conversation.route
-            return out
+            return out.to(device)
 
     # ---- lifetime ----
 
@@ -288,4 +302,4 @@ def _as_ids(input_ids) -> torch.Tensor:
         raise GenerationError(
             f"input_ids must be [batch, seq] integer token ids, got {list(input_ids.shape)} {input_ids.dtype}"
         )
-    return input_ids.to(torch.long)
+    return input_ids.to(HOST, torch.long)  # token bookkeeping and the wire live on the host

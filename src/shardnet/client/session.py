@@ -25,6 +25,7 @@ from shardnet.client.hop_stream import HopTiming, SpanStream
 from shardnet.client.planner import RoutePlanner, SessionNeeds
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
+from shardnet.devices import HOST
 from shardnet.errors import GenerationError, SessionExpiredError, ShardnetError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """Run [batch, new, hidden] through every hop; mask (or None) and positions cover the new positions."""
+        hidden = hidden.to(HOST)  # the replay history lives in host memory, whatever device the head is on
         new = hidden.shape[1]
         if self.position + new > self.max_length:
             raise GenerationError(

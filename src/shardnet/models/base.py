@@ -43,7 +43,12 @@ class SpanModule(nn.Module, ABC):
 
 
 class ClientHead(nn.Module, ABC):
-    """The small parts a client keeps: token embeddings, final norm and LM head."""
+    """The small parts a client keeps: token embeddings, final norm and LM head, on one device."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the head computes; ``embed`` and ``logits`` take inputs from any device."""
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -78,8 +83,10 @@ class ModelAdapter(ABC):
         """Build blocks ``start:end`` on ``device`` and load only their weights, straight onto it."""
 
     @abstractmethod
-    def load_head(self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> ClientHead:
-        """Build the client-side parts and load only their weights."""
+    def load_head(
+        self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, device: torch.device = CPU
+    ) -> ClientHead:
+        """Build the client-side parts on ``device`` and load only their weights, straight onto it."""
 
 
 _REGISTRY: dict[str, ModelAdapter] = {}

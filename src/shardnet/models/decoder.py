@@ -116,8 +116,14 @@ class DecoderHead(ClientHead):
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token (and learned position) embeddings, on the head's device, from ids on any device."""
+        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
         hidden = self.embed_tokens(input_ids)  # [batch, seq, hidden] (Gemma's module scales them itself)
         if self.position_table is not None:
             hidden = hidden + self.position_table(position_ids)
@@ -125,7 +131,8 @@ class DecoderHead(ClientHead):
 
     @torch.inference_mode()
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(hidden_states))  # [batch, seq, vocab]
+        """Logits on the head's device; the hidden states may come from the wire, on the host."""
+        logits = self.lm_head(self.norm(hidden_states.to(self.device)))  # [batch, seq, vocab]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -161,7 +168,9 @@ class DecoderAdapter(ModelAdapter):
         _require_loaded(span, f"blocks {start}:{end}")
         return span.eval()
 
-    def load_head(self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> DecoderHead:
+    def load_head(
+        self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, device: torch.device = CPU
+    ) -> DecoderHead:
         model = skeleton(config, dtype)
         family = self.family
         parts = [family.token_embedding, family.final_norm, *filter(None, [family.position_embedding])]
@@ -171,13 +180,13 @@ class DecoderAdapter(ModelAdapter):
         pattern = re.compile(
             rf"^(?:{self._prefixes(model)}(?:{'|'.join(map(re.escape, parts))})|{re.escape(head_name)})\."
         )
-        load_parts(model, checkpoint, lambda key: bool(pattern.match(key)), dtype, CPU)
+        load_parts(model, checkpoint, lambda key: bool(pattern.match(key)), dtype, device)
         if (
             getattr(model.config, "tie_word_embeddings", False)
             or model.get_output_embeddings().weight.is_meta
         ):
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        head = DecoderHead(family, model)
+        head = DecoderHead(family, model).to(device)  # the buffers; weights are there
         _require_loaded(head, "embeddings, norm and LM head")
         return head.eval()
 

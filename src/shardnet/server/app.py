@@ -12,6 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from shardnet.devices import (
+    describe_device,
+    dtype_name,
+    free_memory_bytes,
+    make_current,
+    resolve_device,
+    resolve_dtype,
+)
 from shardnet.dht import ServerRecord, ServerState, announce, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
 from shardnet.models import Checkpoint, adapter_for, derive_model_id, load_config, validate_model_id
@@ -21,17 +29,7 @@ from shardnet.server.announcer import Announcer, LoadTrigger
 from shardnet.server.backend import SpanBackend, SpanLimits
 from shardnet.server.block_choice import Peers
 from shardnet.server.config import ServerConfig
-from shardnet.server.devices import (
-    GIB,
-    SpanFootprint,
-    check_fit,
-    describe_device,
-    dtype_name,
-    free_memory_bytes,
-    make_current,
-    resolve_device,
-    resolve_dtype,
-)
+from shardnet.server.fit import GIB, SpanFootprint, check_fit
 from shardnet.server.placement import FirstLook, Placement
 from shardnet.server.reaper import IdleReaper
 from shardnet.server.servicer import ServerRuntime, ShardServicer

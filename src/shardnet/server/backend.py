@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardnet.devices import HOST
 from shardnet.errors import InvalidRequestError, ModelMismatchError
 from shardnet.models import SpanInputs, SpanModule
 from shardnet.server.fair_lock import FairLock
@@ -15,7 +16,6 @@ from shardnet.server.sessions import Session
 from shardnet.server.throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
-HOST = torch.device("cpu")  # where tensors from and for the wire live
 
 
 @dataclass(frozen=True)

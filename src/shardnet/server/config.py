@@ -6,12 +6,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardnet.devices import DTYPE_NAMES, parse_device
 from shardnet.errors import ConfigError
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what a span computes in, and announces
-DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # --dtype: auto = by device (see server/devices.py)
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # --dtype: auto = by device (see shardnet/devices.py)
 QUANT_NAMES = ("none", "int8", "nf4")  # = shardnet.models.quantization.QUANT_MODES, without importing torch
 
 
@@ -24,15 +22,6 @@ def parse_span(text: str) -> tuple[int, int]:
     if end <= start:
         raise ConfigError(f"{text!r} is empty: END must be greater than START (spans are half-open)")
     return start, end
-
-
-def parse_device(text: str) -> str:
-    """Check the form of a --device value ('CUDA:1 ' -> 'cuda:1'); whether this machine has it is
-    decided when the server starts (server/devices.py)."""
-    name = (text or "").strip().lower()
-    if not _DEVICE.fullmatch(name):
-        raise ConfigError(f"--device {text!r} is not a device: use {DEVICE_FORMS}")
-    return name
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,43 @@
-"""Where a server computes: ``--device`` and ``--dtype`` resolved against this machine, and whether a
-span fits in the device's memory before any weight is loaded.
+"""Where model parts run: device names resolved against this machine, and the dtype ``auto`` picks.
 
-``auto`` picks the first CUDA GPU if there is one, else the CPU (``mps`` is only used when asked for).
-``--dtype auto`` picks bfloat16 on a CUDA GPU that computes it natively (compute capability 8.0+, or
-any ROCm GPU), float16 on older GPUs and on MPS, float32 on the CPU; an explicit dtype always wins.
+Servers use it for ``--device`` / ``--dtype``, the client for ``from_pretrained(device=...)``. ``auto`` picks
+the first CUDA GPU if there is one, else the CPU (``mps`` is only used when asked for). ``--dtype auto``
+picks bfloat16 on a CUDA GPU that computes it natively (compute capability 8.0+, or any ROCm GPU),
+float16 on older GPUs and on MPS, float32 on the CPU; an explicit dtype always wins.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+import re
 
 import psutil
 import torch
 
 from shardnet.errors import ConfigError
-from shardnet.server.config import DTYPE_NAMES, parse_device
 
-logger = logging.getLogger(__name__)
+HOST = torch.device("cpu")  # where token ids, masks and tensors for and from the wire live
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what a span computes in, and announces
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
 
-GIB = 1 << 30
+
+def _named(flag: str, value: str) -> str:
+    """How a user wrote a setting: '--device cuda' on the command line, "device='cuda'" in Python."""
+    return f"{flag} {value}" if flag.startswith("--") else f"{flag}={value!r}"
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device a ``--device`` value means here; ConfigError if this machine does not have it."""
-    name = parse_device(name)
+def parse_device(text: str, flag: str = "--device") -> str:
+    """Check the form of a device name ('CUDA:1 ' -> 'cuda:1'); whether this machine has it is
+    decided by ``resolve_device``."""
+    name = (str(text) if text is not None else "").strip().lower()
+    if not _DEVICE.fullmatch(name):
+        raise ConfigError(f"{_named(flag, text)} is not a device: use {DEVICE_FORMS}")
+    return name
+
+
+def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.device:
+    """The torch device a device name means here; ConfigError if this machine does not have it."""
+    name = parse_device(str(name), flag)
     if name == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if name == "cpu":
@@ -32,8 +45,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps":
         if not torch.backends.mps.is_available():
             raise ConfigError(
-                "--device mps: MPS is not available on this machine (it needs Apple silicon and a torch "
-                "built with MPS); use --device cpu or auto"
+                f"{_named(flag, name)}: MPS is not available on this machine (it needs Apple silicon and a torch "
+                f"built with MPS); use {_named(flag, 'cpu')} or auto"
             )
         return torch.device("mps")
     if not torch.cuda.is_available():
@@ -41,14 +54,14 @@ def resolve_device(name: str) -> torch.device:
             "" if torch.version.cuda or torch.version.hip else f", and torch {torch.__version__} has no CUDA"
         )
         raise ConfigError(
-            f"--device {name}: CUDA is not available on this machine (no usable GPU{built}); "
-            "use --device cpu or auto"
+            f"{_named(flag, name)}: CUDA is not available on this machine (no usable GPU{built}); "
+            f"use {_named(flag, 'cpu')} or auto"
         )
     index = int(name.partition(":")[2] or 0)
     count = torch.cuda.device_count()
     if index >= count:
         raise ConfigError(
-            f"--device {name}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+            f"{_named(flag, name)}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
             f"(cuda:0 to cuda:{count - 1})"
         )
     return torch.device("cuda", index)
@@ -95,38 +108,3 @@ def free_memory_bytes(device: torch.device) -> int:
     if device.type == "mps":
         return max(int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()), 0)
     return int(psutil.virtual_memory().available)
-
-
-@dataclass(frozen=True)
-class SpanFootprint:
-    """What a span needs on its device before it serves anyone."""
-
-    blocks: tuple[int, int]  # the span, half-open
-    weight_bytes: int  # its blocks' weights in the compute dtype
-    cache_tokens: int  # positions of the minimum KV cache (one session, batch 1)
-    cache_bytes: int  # bytes of that cache
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weight_bytes + self.cache_bytes
-
-
-def check_fit(
-    footprint: SpanFootprint, free_bytes: int, device: torch.device, dtype: torch.dtype, flag: str
-) -> None:
-    """ConfigError with the numbers (GiB) if the span's weights plus its minimum cache exceed ``free_bytes``."""
-    if footprint.total_bytes <= free_bytes:
-        return
-    start, end = footprint.blocks
-    where = "RAM" if device.type == "cpu" else "memory"
-    raise ConfigError(
-        f"{flag}: blocks {start}:{end} do not fit on {device}: {_size(footprint.weight_bytes)} of "
-        f"{dtype_name(dtype)} weights + {_size(footprint.cache_bytes)} of KV cache for one session of "
-        f"{footprint.cache_tokens} positions = {_size(footprint.total_bytes)}, but only "
-        f"{_size(free_bytes)} of {where} is free; serve fewer blocks or use another --device or --dtype"
-    )
-
-
-def _size(nbytes: int) -> str:
-    """'12.3 GiB', or MiB below a tenth of a GiB so small numbers do not read as 0.0."""
-    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
