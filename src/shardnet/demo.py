@@ -57,12 +57,15 @@ class DemoConfig:
 class _TimedStreamer(TextStreamer):
     """TextStreamer that writes to ``out`` and records when each generated token arrived."""
 
-    def __init__(self, tokenizer, out: TextIO):
+    def __init__(self, tokenizer, out: TextIO, interrupted: threading.Event):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.out = out
+        self.interrupted = interrupted
         self.token_times: list[float] = []
 
     def put(self, value: torch.Tensor) -> None:
+        if self.interrupted.is_set():  # Ctrl-C came, but a library swallowed its KeyboardInterrupt: stop here
+            raise KeyboardInterrupt
         is_prompt = self.next_tokens_are_prompt
         super().put(value)
         if not is_prompt:
@@ -78,6 +81,8 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
     swarm: LocalSwarm | None = None
     model: ShardedModel | None = None
     streamer: _TimedStreamer | None = None
+    interrupted = threading.Event()
+    previous = _record_sigint(interrupted)
     try:
         path = config.model_path or ensure_demo_model(config.cache_dir)
         num_blocks = int(load_config(path).num_hidden_layers)
@@ -113,7 +118,7 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
         input_ids = _prompt_ids(tokenizer, config.prompt)  # [1, prompt]
         _say(out, f"prompt: {config.prompt}")
         _say(out, f"generating up to {config.max_new_tokens} tokens:")
-        streamer = _TimedStreamer(tokenizer, out)
+        streamer = _TimedStreamer(tokenizer, out, interrupted)
         began = time.perf_counter()
         model.generate(input_ids, max_new_tokens=config.max_new_tokens, do_sample=False, streamer=streamer)
         _say(out, _speed_line(began, streamer.token_times))
@@ -130,6 +135,8 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
                 model.close()
             if swarm is not None:
                 swarm.stop()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _load_tokenizer(path: Path):
@@ -165,6 +172,20 @@ def _speed_line(began: float, token_times: list[float]) -> str:
 def _say(out: TextIO, line: str) -> None:
     out.write(line + "\n")
     out.flush()
+
+
+def _record_sigint(interrupted: threading.Event):
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, so the next token stops the
+    generation even if the first KeyboardInterrupt landed inside a library that caught it. Returns the
+    handler it replaced (None off the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum, frame) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, on_sigint)
 
 
 @contextlib.contextmanager
