@@ -120,6 +120,9 @@ def test_demo_runs_and_leaves_no_processes(smollm2_path):
         ("20:30", "peer", ".."),
     ]
     assert "time to first token" in text and "tokens/s" in text
+    # No log line lands in the streamed answer: the terminal shows warnings only, the rest is in demo.log.
+    assert " INFO " not in text + err.decode(), text + err.decode()
+    assert "session open" in (smollm2_path.parent / "demo-logs" / "demo.log").read_text()
     assert len(children) >= 4  # DHT node + 3 servers at least
     assert not _alive(children)
 
