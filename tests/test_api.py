@@ -6,10 +6,17 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 
 import grpc
 import openai
+import psutil
 import pytest
 import torch
 from openai import OpenAI
@@ -283,3 +290,90 @@ def test_client_disconnect_stops_generation_and_frees_sessions(gateway, models):
         time.sleep(0.1)
     assert _open_sessions(models[1]) == 0
     print(f"sessions closed {time.monotonic() - left:.2f} s after the client left")
+
+
+def _shardnet(*args: str, **popen) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "shardnet", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def _line_with(process: subprocess.Popen, marker: str, timeout_s: float) -> str:
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline, seen = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline:
+        if selector.select(timeout=1.0):
+            line = process.stdout.readline()
+            assert line, (
+                f"exited with {process.wait()} before {marker!r}: {seen} {process.stderr.read()[-2000:]}"
+            )
+            seen.append(line)
+            if marker in line:
+                return line
+    process.kill()
+    pytest.fail(f"no {marker!r} in {timeout_s}s: {seen}")
+
+
+def _served_models(base_url: str) -> list[str]:
+    with urllib.request.urlopen(f"{base_url}/v1/models", timeout=30) as response:
+        return [m["id"] for m in json.loads(response.read())["data"]]
+
+
+def test_api_command_serves_until_sigterm(swarm, smollm2_path):
+    process = _shardnet(
+        "api", "--model", str(smollm2_path), "--initial-peers", *swarm.initial_peers, "--port", "0",
+        "--model-name", "tiny",
+    )  # fmt: skip
+    try:
+        url = _line_with(process, "http://127.0.0.1:", timeout_s=120).strip()
+        assert url.endswith("/v1")
+        assert _served_models(url.removesuffix("/v1")) == ["tiny"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, process.stderr.read()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--model", "/nonexistent", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"), ["/nonexistent"]),
+        (("--model", "/tmp", "--port", "x"), ["--port"]),
+    ],
+)
+def test_bad_api_flags_are_one_line_exit_2(args, words):
+    process = _shardnet("api", *args)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and all(word in lines[0] for word in words), err
+
+
+def test_demo_api_serves_then_stops_everything(smollm2_path):
+    process = _shardnet(
+        "demo", "--api", "--port", "0", "--servers", "1", "--model", str(smollm2_path), start_new_session=True
+    )
+    try:
+        line = _line_with(process, "chat page: ", timeout_s=180)
+        children = psutil.Process(process.pid).children(recursive=True)
+        base = line.split()[2].rstrip("/")
+        assert _served_models(base) == [smollm2_path.resolve().name]
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C at a terminal
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err[-2000:]
+        assert "Traceback" not in err, err[-3000:]
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

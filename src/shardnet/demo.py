@@ -44,6 +44,7 @@ class DemoConfig:
     torch_threads: int | None = (
         None  # torch threads per server; None = torch's default (servers compute in turn)
     )
+    api_port: int | None = None  # serve the HTTP gateway on 127.0.0.1:PORT until Ctrl-C instead of one answer
 
     def __post_init__(self) -> None:
         if self.servers < 1:
@@ -115,6 +116,8 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
         for hop in model.route():
             span = f"{hop.start}:{hop.end}"
             _say(out, f"  blocks {span:<7} peer {hop.server.short_id}  {hop.server.address}")
+        if config.api_port is not None:
+            return _serve_api(model, tokenizer, path, config.api_port, interrupted, out)
         input_ids = _prompt_ids(tokenizer, config.prompt)  # [1, prompt]
         _say(out, f"prompt: {config.prompt}")
         _say(out, f"generating up to {config.max_new_tokens} tokens:")
@@ -137,6 +140,25 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
                 swarm.stop()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _serve_api(
+    model: ShardedModel, tokenizer, path: Path, port: int, interrupted: threading.Event, out
+) -> int:
+    """The gateway over the demo swarm until Ctrl-C (or SIGTERM); 0 when stopped that way."""
+    from shardnet.gateway import GatewayServer, create_app
+
+    name = path.resolve().name
+    with GatewayServer(create_app(model, tokenizer, name), host="127.0.0.1", port=port) as server:
+        _say(out, f"chat page: {server.url}/   swarm page: {server.url}/swarm")
+        _say(out, f"OpenAI API: {server.url}/v1 (model {name!r}); Ctrl-C to stop")
+        try:
+            while not interrupted.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    _say(out, "stopping the gateway and the swarm")
+    return 0
 
 
 def _load_tokenizer(path: Path):

@@ -55,6 +55,8 @@ class GatewayServer:
     def _run(self) -> None:
         try:
             self.server.run()
+        except SystemExit:  # uvicorn exits this way when it cannot bind; it has logged why
+            logger.debug("the gateway's HTTP server exited", exc_info=True)
         except BaseException:
             logger.exception("the gateway's HTTP server failed")
 
