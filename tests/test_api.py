@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import openai
@@ -27,6 +28,8 @@ from shardnet.gateway import GatewayServer, create_app
 from shardnet.gateway.serving import load_tokenizer
 from shardnet.launch import LocalSwarm, even_spans
 from shardnet.wire import pb, pb_grpc
+
+from .conftest import make_llama
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -358,15 +361,26 @@ def test_bad_api_flags_are_one_line_exit_2(args, words):
     assert len(lines) == 1 and all(word in lines[0] for word in words), err
 
 
-def test_demo_api_serves_then_stops_everything(smollm2_path):
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(smollm2_path, tmp_path_factory) -> Path:
+    """A 2-block random Llama with SmolLM2's tokenizer and chat template: starts in seconds, answers junk."""
+    path = tmp_path_factory.mktemp("tiny_chat")
+    tokenizer = load_tokenizer(smollm2_path)
+    make_llama(path, num_hidden_layers=2, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_demo_api_serves_then_stops_everything(tiny_with_tokenizer):
     process = _shardnet(
-        "demo", "--api", "--port", "0", "--servers", "1", "--model", str(smollm2_path), start_new_session=True
-    )
+        "demo", "--api", "--port", "0", "--servers", "2", "--model", str(tiny_with_tokenizer),
+        start_new_session=True,
+    )  # fmt: skip
     try:
         line = _line_with(process, "chat page: ", timeout_s=180)
         children = psutil.Process(process.pid).children(recursive=True)
         base = line.split()[2].rstrip("/")
-        assert _served_models(base) == [smollm2_path.resolve().name]
+        assert _served_models(base) == [tiny_with_tokenizer.name]
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C at a terminal
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err[-2000:]
