@@ -391,3 +391,22 @@ def test_demo_api_serves_then_stops_everything(tiny_with_tokenizer):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_swarm_document_is_status_json_plus_the_route(gateway, swarm, client):
+    client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)  # some timings
+    with urllib.request.urlopen(f"{gateway.url}/api/swarm", timeout=30) as response:
+        document = json.loads(response.read())
+    status = {"model_id", "architecture", "num_blocks", "servers", "blocks_without_online_server"}
+    assert status <= set(document)
+    assert document["num_blocks"] == 30 and document["blocks_without_online_server"] == []
+    assert sorted(s["span"] for s in document["servers"]) == ["0:15", "15:30"]
+    assert [hop["span"] for hop in document["route"]] == ["0:15", "15:30"]
+    assert document["recent"]["steps"] and len(document["recent"]["steps"][-1]) == 2
+    for page, marker in (
+        ("/", b"chat.js"),
+        ("/swarm", b"swarm.js"),
+        ("/static/chat.js", b"/v1/chat/completions"),
+    ):
+        with urllib.request.urlopen(f"{gateway.url}{page}", timeout=30) as response:
+            assert marker in response.read()

@@ -25,6 +25,7 @@ from shardnet.gateway.completions import (
     RecentActivity,
     SamplingGate,
 )
+from shardnet.gateway.pages import add_pages
 from shardnet.gateway.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -322,6 +323,8 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         return StreamingResponse(
             _stream(job, events, first, chunk, usage_chunk), media_type="text/event-stream"
         )
+
+    add_pages(app, gateway)
 
     @app.exception_handler(Exception)
     async def _on_error(request: Request, exc: Exception) -> JSONResponse:
