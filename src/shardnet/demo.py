@@ -149,14 +149,18 @@ def _serve_api(
     from shardnet.gateway import GatewayServer, create_app
 
     name = path.resolve().name
-    with GatewayServer(create_app(model, tokenizer, name), host="127.0.0.1", port=port) as server:
+    server = GatewayServer(create_app(model, tokenizer, name), host="127.0.0.1", port=port)
+    try:  # Ctrl-C may come at any point here, even while the URL is printed: all of it ends the same way
+        server.start()
         _say(out, f"chat page: {server.url}/   swarm page: {server.url}/swarm")
         _say(out, f"OpenAI API: {server.url}/v1 (model {name!r}); Ctrl-C to stop")
-        try:
-            while not interrupted.wait(0.5):
-                pass
-        except KeyboardInterrupt:
+        while not interrupted.wait(0.5):
             pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with _sigint_ignored():
+            server.stop()
     _say(out, "stopping the gateway and the swarm")
     return 0
 
