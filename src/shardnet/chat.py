@@ -68,9 +68,8 @@ class ChatHistory:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.messages: list[dict[str, str]] = []
-        self.seen: list[
-            int
-        ] = []  # ids the session holds: prompts and answers, the last answer token included
+        # ids the session holds: prompts and answers, the last answer token included
+        self.seen: list[int] = []
 
     def new_ids(self, user_text: str) -> list[int]:
         """The tokens to send for a new user message: the templated conversation minus those already seen."""

@@ -168,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON document instead of a table (for scripts)"
     )
 
+    api = sub.add_parser(
+        "api", help="serve an OpenAI-compatible HTTP API (and a chat page) over the swarm's model"
+    )
+    api.add_argument(
+        "--model", required=True, type=Path, help="model folder with its tokenizer (the client's parts)"
+    )
+    _add_peers(api, required=True)
+    api.add_argument("--host", default="127.0.0.1", help="HTTP interface (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 = pick one)")
+    api.add_argument(
+        "--model-name", default=None, help="the model name clients pass (default: the model folder's name)"
+    )
+    api.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the client's parts and activations; only servers computing in it are used",
+    )
+
     demo = sub.add_parser(
         "demo", help="start a local swarm over a real model and stream one chat answer through it"
     )
@@ -189,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="torch threads per server; default torch's (all cores: the servers compute in turn)",
+    )
+    demo.add_argument(
+        "--api",
+        action="store_true",
+        help="instead of one answer, serve the OpenAI-compatible API and chat page until Ctrl-C",
+    )
+    demo.add_argument(
+        "--port", type=int, default=8000, help="HTTP port with --api (default 8000; 0 = pick one)"
     )
 
     chat = sub.add_parser(
@@ -314,6 +341,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    peers = _peers(args)
+    if not peers:
+        raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    if not args.model.is_dir():
+        raise_config(f"--model {args.model}: no such model folder")
+    import torch
+
+    from shardnet.gateway import GatewayServer, create_app, open_gateway
+
+    stop = _stop_on_signal()
+    model, tokenizer, name = open_gateway(
+        args.model, peers, model_name=args.model_name, dtype=getattr(torch, args.dtype)
+    )
+    try:
+        with GatewayServer(create_app(model, tokenizer, name), host=args.host, port=args.port) as server:
+            print(f"{server.url}/v1", flush=True)  # the base URL for OpenAI clients; the chat page is at /
+            logger.info(
+                "serving model %s at %s (chat page %s/); Ctrl-C to stop", name, server.url, server.url
+            )
+            stop.wait()
+    finally:
+        model.close()
+    logger.info("gateway stopped")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shardnet.demo import DemoConfig, run_demo
 
@@ -325,6 +379,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         dtype=args.dtype,
         torch_threads=args.torch_threads,
+        api_port=args.port if args.api else None,
         **({"prompt": args.prompt} if args.prompt is not None else {}),
     )
     # `kill PID` stops the swarm as cleanly as Ctrl-C does.
@@ -379,7 +434,14 @@ def _exit_at_once(code: int) -> NoReturn:
     os._exit(code)
 
 
-COMMANDS = {"dht": cmd_dht, "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo, "chat": cmd_chat}
+COMMANDS = {
+    "dht": cmd_dht,
+    "serve": cmd_serve,
+    "status": cmd_status,
+    "api": cmd_api,
+    "demo": cmd_demo,
+    "chat": cmd_chat,
+}
 
 # Commands whose answer streams to the terminal: log lines there would land between its words.
 STREAMING = ("demo", "chat")
@@ -427,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    if args.command in ("serve", "dht"):
+    if args.command in ("serve", "dht", "api"):
         _exit_at_once(code)
     return code
 

@@ -42,6 +42,7 @@ class DemoConfig:
     torch_threads: int | None = (
         None  # torch threads per server; None = torch's default (servers compute in turn)
     )
+    api_port: int | None = None  # serve the HTTP gateway on 127.0.0.1:PORT until Ctrl-C instead of one answer
 
     def __post_init__(self) -> None:
         if self.servers < 1:
@@ -93,6 +94,8 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
         for hop in model.route():
             span = f"{hop.start}:{hop.end}"
             say(out, f"  blocks {span:<7} peer {hop.server.short_id}  {hop.server.address}")
+        if config.api_port is not None:
+            return _serve_api(model, tokenizer, path, config.api_port, interrupted, out)
         input_ids = _prompt_ids(tokenizer, config.prompt)  # [1, prompt]
         say(out, f"prompt: {config.prompt}")
         say(out, f"generating up to {config.max_new_tokens} tokens:")
@@ -117,6 +120,29 @@ def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> int:
         if log_file is not None:
             logging.getLogger().removeHandler(log_file)
             log_file.close()
+
+
+def _serve_api(
+    model: ShardedModel, tokenizer, path: Path, port: int, interrupted: threading.Event, out
+) -> int:
+    """The gateway over the demo swarm until Ctrl-C (or SIGTERM); 0 when stopped that way."""
+    from shardnet.gateway import GatewayServer, create_app
+
+    name = path.resolve().name
+    server = GatewayServer(create_app(model, tokenizer, name), host="127.0.0.1", port=port)
+    try:  # Ctrl-C may come at any point here, even while the URL is printed: all of it ends the same way
+        server.start()
+        say(out, f"chat page: {server.url}/   swarm page: {server.url}/swarm")
+        say(out, f"OpenAI API: {server.url}/v1 (model {name!r}); Ctrl-C to stop")
+        while not interrupted.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with sigint_ignored():
+            server.stop()
+    say(out, "stopping the gateway and the swarm")
+    return 0
 
 
 def _load_tokenizer(path: Path):
