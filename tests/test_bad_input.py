@@ -172,6 +172,38 @@ def test_wrong_position_is_failed_precondition(server):
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_position_ahead_of_the_cache_is_failed_precondition(server):
+    """A step may roll the cache back (position below the server's count), never skip ahead."""
+    swarm, stub = server
+    first = _step(0, torch.randn(1, 2, HIDDEN))
+    code = _stream_status(
+        stub, _open(swarm), first, _step(1, torch.randn(1, 1, HIDDEN)), _step(4, torch.randn(1, 1, HIDDEN))
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    _assert_still_serves(swarm, stub)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        torch.tensor([0, 1, 2]),
+        torch.tensor([0, 2]),
+        torch.tensor([-1, 0]),
+        torch.tensor([[0, 1]]),
+        torch.tensor([0.0, 1.0]),
+    ],
+    ids=["too_many", "out_of_range", "negative", "two_dims", "float"],
+)
+def test_bad_hypo_ids_are_invalid_argument(server, rows):
+    swarm, stub = server
+    step = pb.Step(
+        step_id=2, position=1, hidden_states=serialize(torch.randn(2, 1, HIDDEN)), hypo_ids=serialize(rows)
+    )
+    code = _stream_status(stub, _open(swarm, batch=2), _step(0, torch.randn(2, 1, HIDDEN)), dict(step=step))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    _assert_still_serves(swarm, stub)
+
+
 def test_step_past_max_length_is_invalid_argument(server):
     swarm, stub = server
     code = _stream_status(stub, _open(swarm, max_length=4), _step(0, torch.randn(1, 5, HIDDEN)))

@@ -41,6 +41,14 @@ class SpanModule(nn.Module, ABC):
     ) -> torch.Tensor:
         """Run blocks ``start:end`` (absolute indices) over ``hidden_states`` [batch, new, hidden]."""
 
+    @abstractmethod
+    def crop_cache(self, cache: object, start: int, end: int, keep: int) -> None:
+        """Keep only the first ``keep`` positions of blocks ``start:end`` in ``cache`` (a rollback)."""
+
+    @abstractmethod
+    def reorder_cache(self, cache: object, start: int, end: int, rows: torch.Tensor) -> None:
+        """Row i of blocks ``start:end`` in ``cache`` becomes old row ``rows[i]`` ([batch] int64)."""
+
 
 class ClientHead(nn.Module, ABC):
     """The small parts a client keeps: token embeddings, final norm and LM head, on one device."""
@@ -51,8 +59,14 @@ class ClientHead(nn.Module, ABC):
         """Where the head computes; ``embed`` and ``logits`` take inputs from any device."""
 
     @abstractmethod
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] token ids at [batch, seq] positions -> [batch, seq, hidden] hidden states.
+    def embed(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[batch, seq] token ids (or their embeddings, ``inputs_embeds``) at [batch, seq] positions ->
+        [batch, seq, hidden] hidden states entering the first block.
 
         Positions matter only to models with learned absolute position embeddings (gpt2)."""
 

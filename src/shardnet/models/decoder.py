@@ -58,7 +58,21 @@ class DecoderSpan(SpanModule):
         self.rotary = None if family.positions == "learned" else base.rotary_emb  # buffers only
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+        cache = DynamicCache(config=self.config)
+        # Sliding-window layers then keep every position (within the session's max_length, which the
+        # cache budget counts anyway) until cropped, so a rollback past the window stays exact.
+        cache.activate_past_recording()
+        return cache
+
+    def crop_cache(self, cache: DynamicCache, start: int, end: int, keep: int) -> None:
+        for layer in cache.layers[start:end]:  # the layers outside the span were never filled
+            drop = layer.get_seq_length() - keep
+            if drop > 0:
+                layer.crop(-drop)
+
+    def reorder_cache(self, cache: DynamicCache, start: int, end: int, rows: torch.Tensor) -> None:
+        for layer in cache.layers[start:end]:
+            layer.reorder_cache(rows)
 
     @torch.inference_mode()
     def run(
@@ -120,16 +134,26 @@ class DecoderHead(ClientHead):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()  # not inference_mode: generate() edits the logits in place
+    def embed(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token (and learned position) embeddings, on the head's device, from ids on any device."""
-        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
-        hidden = self.embed_tokens(input_ids)  # [batch, seq, hidden] (Gemma's module scales them itself)
+        position_ids = position_ids.to(self.device)
+        if inputs_embeds is not None:  # used as given, as transformers' models do (no Gemma scaling)
+            hidden = inputs_embeds.to(self.device, self.embed_tokens.weight.dtype)
+        else:
+            hidden = self.embed_tokens(
+                input_ids.to(self.device)
+            )  # [batch, seq, hidden] (Gemma scales itself)
         if self.position_table is not None:
             hidden = hidden + self.position_table(position_ids)
         return hidden
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits on the head's device; the hidden states may come from the wire, on the host."""
         logits = self.lm_head(self.norm(hidden_states.to(self.device)))  # [batch, seq, vocab]

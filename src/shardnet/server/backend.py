@@ -36,6 +36,7 @@ class StepInput:
     hidden_states: torch.Tensor  # [batch, new, hidden]
     attention_mask: torch.Tensor | None  # [batch, new] 0/1, or None for no padding
     position_ids: torch.Tensor | None  # [batch, new] int64, or None for consecutive positions
+    hypo_ids: torch.Tensor | None = None  # [batch] int64 rows to reorder the cache by first, or None
 
 
 class SpanBackend:
@@ -79,6 +80,7 @@ class SpanBackend:
             raise InvalidRequestError(f"max_length {max_length} must be 1..{self.limits.max_length}")
 
     def check_step(self, step: StepInput, batch_size: int, position: int, max_length: int) -> None:
+        """``position``: the positions the cache keeps before this step's (after any rollback)."""
         hidden = step.hidden_states
         if hidden.dim() != 3 or hidden.shape[0] != batch_size or hidden.shape[2] != self.limits.hidden_size:
             raise InvalidRequestError(
@@ -105,6 +107,12 @@ class SpanBackend:
                 raise InvalidRequestError(f"position_ids must be int64 of shape [{batch_size}, {new}]")
             if new and (int(ids.min()) < 0 or int(ids.max()) >= self.limits.max_position):
                 raise InvalidRequestError(f"position_ids must lie in 0..{self.limits.max_position - 1}")
+        if step.hypo_ids is not None:
+            rows = step.hypo_ids
+            if list(rows.shape) != [batch_size] or rows.dtype != torch.int64:
+                raise InvalidRequestError(f"hypo_ids must be int64 of shape [{batch_size}]")
+            if int(rows.min()) < 0 or int(rows.max()) >= batch_size:
+                raise InvalidRequestError(f"hypo_ids must lie in 0..{batch_size - 1}")
 
     # ---- compute: in chunks of at most max_chunk_tokens, each under the fair compute lock ----
 
@@ -135,6 +143,22 @@ class SpanBackend:
             outs.append(out)
             compute_s += chunk_s
         return torch.cat(outs, dim=1), compute_s  # [batch, seq, hidden]
+
+    def rewind(self, session: Session, keep: int, rows: torch.Tensor | None) -> None:
+        """Before a step: keep the cache's first ``keep`` positions, then reorder its rows by ``rows``.
+
+        Generation asks for these between two steps (assisted decoding drops rejected draft tokens, beam
+        search reorders its beams); the client sends them with the next step, so they cost no round trip.
+        """
+        if keep < session.position:
+            self.span.crop_cache(session.cache, session.start, session.end, keep)
+            session.position = keep
+            if session.attention_mask is not None:
+                session.attention_mask = session.attention_mask[:, :keep]
+        if rows is not None:
+            self.span.reorder_cache(session.cache, session.start, session.end, rows.to(self.device))
+            if session.attention_mask is not None:
+                session.attention_mask = session.attention_mask[rows]
 
     def step(self, session: Session, step: StepInput) -> tuple[torch.Tensor, float]:
         """Run one step of a session, extending its KV cache and padding mask chunk by chunk."""

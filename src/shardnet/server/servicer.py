@@ -46,11 +46,14 @@ class ServerRuntime:
         return self.backend
 
 
-def _step_input(hidden: pb.Tensor, mask: pb.Tensor, positions: pb.Tensor, present: set[str]) -> StepInput:
+def _step_input(
+    hidden: pb.Tensor, mask: pb.Tensor, positions: pb.Tensor, present: set[str], rows: pb.Tensor | None = None
+) -> StepInput:
     return StepInput(
         hidden_states=deserialize(hidden, FLOAT_DTYPES),
         attention_mask=deserialize(mask, _MASK_DTYPES) if "attention_mask" in present else None,
         position_ids=deserialize(positions, _POSITION_DTYPES) if "position_ids" in present else None,
+        hypo_ids=deserialize(rows, _POSITION_DTYPES) if "hypo_ids" in present else None,
     )
 
 
@@ -158,16 +161,21 @@ class ShardServicer(pb_grpc.ShardServicer):
     def _step(self, session: Session, request: pb.Step) -> pb.InferenceResponse:
         began = time.perf_counter()
         backend = self.runtime.backend
-        if request.position != session.position:
+        if request.position > session.position:
             raise SessionError(
                 f"step at position {request.position}, but session {session.short_id} holds {session.position}"
             )
         step = _step_input(
-            request.hidden_states, request.attention_mask, request.position_ids, _present(request)
+            request.hidden_states,
+            request.attention_mask,
+            request.position_ids,
+            _present(request),
+            request.hypo_ids,
         )
-        backend.check_step(step, session.batch_size, session.position, session.max_length)
+        backend.check_step(step, session.batch_size, request.position, session.max_length)
         self.runtime.sessions.begin_step(session)
         try:
+            backend.rewind(session, request.position, step.hypo_ids)
             out, compute_s = backend.step(session, step)
         finally:
             self.runtime.sessions.end_step(session)

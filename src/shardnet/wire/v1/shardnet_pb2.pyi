@@ -107,18 +107,20 @@ class OpenSession(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "position", "hidden_states", "attention_mask", "position_ids")
+    __slots__ = ("step_id", "position", "hidden_states", "attention_mask", "position_ids", "hypo_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    HYPO_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     position: int
     hidden_states: Tensor
     attention_mask: Tensor
     position_ids: Tensor
-    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    hypo_ids: Tensor
+    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hypo_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "step")
