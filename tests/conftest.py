@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shardnet.dht import ServerRecord, ServerView
 from shardnet.errors import DemoModelMissingError
-from shardnet.launch import LocalSwarm
+from shardnet.launch import LocalSwarm, even_spans
 from shardnet.models.demo_model import ensure_demo_model
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,18 @@ def smollm2_path() -> Path:
         return ensure_demo_model(Path(cache) if cache else None)
     except DemoModelMissingError as exc:
         pytest.skip(f"SmolLM2 tests need the demo model package: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_swarm(smollm2_path, tmp_path_factory):
+    """One real 2-server SmolLM2 swarm shared by every module that needs the real model (it loads in
+    about 20 s; tests never stop its servers)."""
+    local = LocalSwarm(
+        smollm2_path, even_spans(30, 2), log_dir=tmp_path_factory.mktemp("smollm2_logs"), torch_threads=1
+    )
+    local.start(timeout_s=180)
+    yield local
+    local.stop()
 
 
 def reference(path: Path) -> LlamaForCausalLM:

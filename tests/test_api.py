@@ -26,7 +26,6 @@ from shardnet import ShardedModel
 from shardnet.client.swarm_status import unique_servers
 from shardnet.gateway import GatewayServer, create_app
 from shardnet.gateway.serving import load_tokenizer
-from shardnet.launch import LocalSwarm, even_spans
 from shardnet.wire import pb, pb_grpc
 
 from .conftest import make_llama
@@ -38,13 +37,8 @@ QUESTION = "What is the capital of France? Answer in one sentence."
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2_path, tmp_path_factory):
-    local = LocalSwarm(
-        smollm2_path, even_spans(30, 2), log_dir=tmp_path_factory.mktemp("api_logs"), torch_threads=1
-    )
-    local.start(timeout_s=180)
-    yield local
-    local.stop()
+def swarm(smollm2_swarm):
+    return smollm2_swarm
 
 
 @pytest.fixture(scope="module")

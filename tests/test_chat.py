@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardnet import ShardedModel
-from shardnet.launch import LocalSwarm, even_spans
 
 FIRST = "What is the capital of France?"
 SECOND = "And of Italy?"
@@ -19,13 +18,8 @@ MAX_NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2_path, tmp_path_factory):
-    local = LocalSwarm(
-        smollm2_path, even_spans(30, 2), log_dir=tmp_path_factory.mktemp("chat_logs"), torch_threads=1
-    )
-    local.start(timeout_s=180)
-    yield local
-    local.stop()
+def swarm(smollm2_swarm):
+    return smollm2_swarm
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import grpc
 import psutil
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from shardnet import ShardedModel
 from shardnet.errors import InvalidRequestError, RouteNotFoundError
@@ -133,6 +134,59 @@ def test_server_that_stops_answering_is_timed_out_and_replaced(swarm, local):
                     process.send_signal(signal.SIGCONT)
             [(_, frozen_peer)] = frozen
             assert session.route[1].peer_id != frozen_peer and session.chain.failovers == 1
+    assert got.tolist() == want.tolist()
+
+
+class AtStep(LogitsProcessor):
+    """Calls ``action`` once, when generate() processes the logits of its ``n``-th step: it works in
+    every decoding mode, beam search included (which takes no streamer)."""
+
+    def __init__(self, n: int, action):
+        self.n, self.action, self.calls = n, action, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.n:
+            self.action()
+        return scores
+
+
+def test_failover_during_beam_search_replays_the_reordered_beams(swarm, local):
+    """Petals #503: after a failover the replacement must hold the beams' caches in their current order."""
+    ids, mask = _prompt(2, seed=8)
+    beams = dict(num_beams=3, num_return_sequences=2, max_new_tokens=NEW_TOKENS)
+    want = local.generate(ids, attention_mask=mask, **beams)
+    victim = swarm.servers[0]
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
+        kill = AtStep(KILL_AFTER, _replace_then_kill(swarm, [(0, 6)], victim))
+        got = model.generate(ids, attention_mask=mask, logits_processor=LogitsProcessorList([kill]), **beams)
+        route = model.last_route
+    assert victim.poll() is not None
+    assert (route[0].server.record.start, route[0].server.record.end) == (0, 6)
+    assert got.tolist() == want.tolist()
+
+
+def test_failover_during_assisted_decoding_replays_after_rollbacks(swarm, local):
+    """Rejected draft tokens were rolled back on the servers; the replacement's replay must not hold them."""
+    draft = reference(swarm.model_path)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, weight in draft.named_parameters():
+            if ".layers." in name and weight.dim() == 2:
+                weight.add_(torch.randn(weight.shape, generator=generator) * 0.005)
+    ids, _ = _prompt(1, seed=9)
+    want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    victim = swarm.servers[1]
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
+        kill = AtStep(3, _replace_then_kill(swarm, [(3, 6)], victim))
+        got = model.generate(
+            ids,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            assistant_model=draft,
+            logits_processor=LogitsProcessorList([kill]),
+        )
+    assert victim.poll() is not None and kill.calls >= 3
     assert got.tolist() == want.tolist()
 
 

@@ -48,3 +48,12 @@ class GrowingBuffer:
         if self.length == 0:
             return tail
         return torch.cat([self.view(), tail], dim=1)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (a rollback)."""
+        self.length = min(self.length, length)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes old row ``rows[i]`` ([batch] int64), as the servers' caches are reordered."""
+        if self._data is not None:
+            self._data = self._data[rows.to(self._data.device)]

@@ -72,7 +72,10 @@ class SpanStream:
     ):
         self.hop = hop
         self.peer = f"{hop.server.short_id}@{hop.server.address}"
-        self.position = 0  # positions in this server's cache
+        self.position = 0  # positions in this server's cache, after any rollback still to send
+        self.pending_rows: torch.Tensor | None = (
+            None  # [batch] reorder the server applies before the next step
+        )
         self.timeout_s = timeout_s
         self._limit = transport.max_message_bytes
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -116,10 +119,20 @@ class SpanStream:
         finally:
             self._deadlines.disarm(self)
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Reorder the server's cache rows (row i becomes row ``rows[i]``) with the next step."""
+        self.pending_rows = rows if self.pending_rows is None else self.pending_rows[rows]
+
+    def crop(self, keep: int) -> None:
+        """Keep only the server cache's first ``keep`` positions, from the next step on."""
+        self.position = min(self.position, keep)
+
     def step(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
     ) -> tuple[torch.Tensor, HopTiming]:
-        """Send the new positions' hidden states [batch, new, hidden]; returns (output, where time went)."""
+        """Send the new positions' hidden states [batch, new, hidden]; returns (output, where time went).
+
+        A pending reorder or rollback travels with the step, so it costs no round trip of its own."""
         began = time.perf_counter()
         self._step_id += 1
         step = pb.Step(
@@ -128,6 +141,8 @@ class SpanStream:
             hidden_states=serialize(hidden, self._limit),
             **optional_tensors(mask, positions, self._limit),
         )
+        if self.pending_rows is not None:
+            step.hypo_ids.CopyFrom(serialize(self.pending_rows.to(torch.int64), self._limit))
         request = pb.InferenceRequest(step=step)
         sent = time.perf_counter()
         reply = self._exchange(request)
@@ -136,6 +151,7 @@ class SpanStream:
         if reply.WhichOneof("kind") != "step" or result.step_id != self._step_id:
             raise RemoteError(f"{self.peer}: reply does not answer step {self._step_id}")
         self.position += hidden.shape[1]
+        self.pending_rows = None
         out = deserialize(result.hidden_states)
         done = time.perf_counter()
         timing = HopTiming(

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import hivemind
 import torch
-from transformers import GenerationConfig, PretrainedConfig
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
-from shardnet.client import generation
 from shardnet.client.config import ClientConfig, peer_set, quant_set
 from shardnet.client.conversation import Conversation
 from shardnet.client.forward import forward_through_swarm
 from shardnet.client.health import ServerHealth
 from shardnet.client.planner import RoutePlanner
+from shardnet.client.remote_cache import RemoteCache
 from shardnet.client.routing import RouteHop
 from shardnet.client.session import InferenceSession
 from shardnet.client.swarm_view import SwarmView
@@ -30,15 +31,26 @@ from shardnet.models import Checkpoint, ClientHead, adapter_for, load_config
 logger = logging.getLogger(__name__)
 
 
-class ShardedModel:
-    """Embeddings, final norm and LM head locally; every transformer block on the swarm.
+class ShardedModel(PreTrainedModel, GenerationMixin):
+    """A transformers causal LM whose decoder blocks run on the swarm; embeddings, final norm and LM
+    head run here.
 
-    ``model(input_ids, attention_mask=...)`` returns ``.logits`` like a transformers causal LM;
-    ``model.generate(...)`` takes transformers' generation kwargs; ``model.inference_session(max_length)``
-    keeps the servers' KV caches across calls. One model may be used from many threads at once: each
-    call outside ``inference_session`` runs in a session of its own, and an ``inference_session``
-    belongs to the thread (or asyncio task) that opened it.
+    ``model(input_ids, attention_mask=..., past_key_values=...)`` returns ``CausalLMOutputWithPast``;
+    ``past_key_values`` is a ``RemoteCache`` standing for the servers' KV caches, so transformers' own
+    ``generate()`` runs unchanged: greedy, sampling, beam search, assisted decoding, stop strings,
+    streamers, ``pipeline("text-generation")``. ``model.inference_session(max_length)`` keeps the
+    servers' caches across calls, which then take the new tokens only. One model may be used from
+    many threads at once: each ``generate`` has its own session, and an ``inference_session`` belongs
+    to the thread (or asyncio task) that opened it.
     """
+
+    config_class = PretrainedConfig
+    main_input_name = "input_ids"
+    # Attention runs on the servers: any implementation named in the config is theirs to pick.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     def __init__(
         self,
@@ -49,9 +61,10 @@ class ShardedModel:
         transport: Transport,
         client_config: ClientConfig,
     ):
-        self.config = config
-        self.generation_config = generation_config
+        super().__init__(config)
+        self.post_init()  # before the head exists: nothing here to initialize, its weights are loaded
         self.head = head
+        self.generation_config = generation_config
         self.swarm = swarm
         self.transport = transport
         self.client_config = client_config
@@ -181,14 +194,16 @@ class ShardedModel:
     def inference_session(self, max_length: int) -> Iterator[Conversation]:
         """Keep the servers' KV caches across generate()/forward() calls inside the ``with`` block.
 
-        The session belongs to the thread (or asyncio task) that opened it; calls from other threads
-        run in sessions of their own. ``session.route`` tells the servers it runs on.
+        Inside it, calls take the new tokens only and continue the conversation exactly as one local
+        ``generate()`` over the concatenation would. The session belongs to the thread (or asyncio task)
+        that opened it; calls from other threads run in sessions of their own. ``session.route`` tells
+        the servers it runs on.
         """
         if self._conversation.get() is not None:
             raise GenerationError("an inference session is already open on this model in this thread")
         if max_length < 1:
             raise GenerationError("max_length must be at least 1")
-        conversation = Conversation(self._open_chain, self.head, max_length, self.dtype)
+        conversation = Conversation(self._open_chain, max_length, self.generation_config)
         token = self._conversation.set(conversation)
         try:
             yield conversation
@@ -196,84 +211,146 @@ class ShardedModel:
             self._conversation.reset(token)
             conversation.close()
 
-    # ---- forward ----
+    def new_cache(self, max_length: int) -> RemoteCache:
+        """An empty cache for ``max_length`` positions, to pass as ``past_key_values`` in a hand-written loop."""
+        return RemoteCache(self._open_chain, max_length)
 
-    def __call__(self, *args, **kwargs) -> CausalLMOutputWithPast:
-        return self.forward(*args, **kwargs)
+    # ---- what transformers needs of a model ----
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.head.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head.lm_head
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        **unused,
+        past_key_values: RemoteCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits [batch, seq, vocab]. Inside an inference session the tokens extend the session."""
-        if unused:
-            raise GenerationError(f"forward() got unsupported arguments: {', '.join(sorted(unused))}")
-        input_ids = _as_ids(input_ids)
-        attention_mask = None if attention_mask is None else attention_mask.to(HOST)
-        position_ids = None if position_ids is None else position_ids.to(HOST)
+        """Logits [batch, seq, vocab] of the given positions, as transformers' causal LMs compute them.
+
+        With a ``RemoteCache`` the positions extend the servers' caches; without one the call is stateless
+        (nothing stays on the servers). Inside ``inference_session`` the tokens extend the session.
+        """
+        if kwargs:  # as transformers' models do: generate() forwards what it was given (tokenizer, ...)
+            logger.debug("forward() ignores %s", ", ".join(sorted(kwargs)))
+        if output_attentions or output_hidden_states:
+            raise GenerationError("attentions and hidden states stay on the servers: they cannot be returned")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise GenerationError("pass exactly one of input_ids and inputs_embeds")
+        input_ids = None if input_ids is None else _as_ids(input_ids)
+        attention_mask = None if attention_mask is None else attention_mask.to(HOST, torch.long)
         conversation = self._conversation.get()
-        if conversation is not None:
-            conversation.check_room(input_ids.shape[0], input_ids.shape[1])
-            conversation.append(input_ids, attention_mask)
-            logits = conversation.flush(last_only=False)
+        if past_key_values is None and conversation is not None and input_ids is not None:
+            out = conversation.forward(self.forward, input_ids, attention_mask)
             self.last_route = conversation.route
-            return CausalLMOutputWithPast(logits=logits)
-        if position_ids is None:  # as transformers' forward without a cache: 0 .. seq-1, padding or not
-            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
-        hidden = self.head.embed(input_ids, position_ids).to(self.dtype)  # [batch, seq, hidden]
-        hidden, self.last_route = forward_through_swarm(
-            self.planner,
-            self.transport,
-            self.health,
-            self.client_config,
-            self.model_id,
-            self.num_blocks,
-            hidden,
-            attention_mask,
-            position_ids,
-        )
-        return CausalLMOutputWithPast(logits=self.head.logits(hidden))
+            return out
+        if past_key_values is not None and not isinstance(past_key_values, RemoteCache):
+            raise GenerationError(
+                f"past_key_values must be a RemoteCache (the servers' caches), not {type(past_key_values).__name__}"
+            )
+        batch, new = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:  # as transformers' forward: the positions after the cached ones
+            position_ids = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)
+        position_ids = position_ids.to(HOST, torch.long)[:, -new:]
+        step_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (new, past + new):
+                raise GenerationError(
+                    f"attention_mask shape {list(attention_mask.shape)} must be [{batch}, {past + new}]"
+                )
+            step_mask = attention_mask[:, -new:]  # the servers keep the mask of what they hold
+        hidden = self.head.embed(input_ids, position_ids, inputs_embeds).to(
+            self.dtype
+        )  # [batch, new, hidden]
+        if past_key_values is not None:
+            hidden = past_key_values.step(hidden.to(HOST), step_mask, position_ids)
+            self.last_route = past_key_values.route
+        else:
+            hidden, self.last_route = forward_through_swarm(
+                self.planner,
+                self.transport,
+                self.health,
+                self.client_config,
+                self.model_id,
+                self.num_blocks,
+                hidden.to(HOST),
+                attention_mask,
+                position_ids,
+            )
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep.to(HOST)]
+        logits = self.head.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits.float(), labels.to(logits.device), self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ) -> None:
+        """generate() runs on a RemoteCache sized for this generation (the servers reserve it)."""
+        cache = model_kwargs.get("past_key_values")
+        if cache is None:
+            return  # use_cache=False: every step is a stateless forward of the whole sequence
+        if not isinstance(cache, RemoteCache):
+            raise GenerationError(
+                f"past_key_values must be a RemoteCache (the servers' caches), not {type(cache).__name__}"
+            )
+        if generation_config.cache_implementation is not None:
+            raise GenerationError("cache_implementation does not apply: the KV caches live on the servers")
+        cache._is_user_defined = True
+        cache.reserve(max_cache_length + 1)
 
     # ---- generate ----
 
     def generate(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        streamer=None,
-        generation_config: GenerationConfig | None = None,
-        inputs: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Like transformers' generate (greedy or sampling): returns ``input_ids`` followed by new tokens.
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ):
+        """transformers' ``generate()``, on a RemoteCache of its own (freed when it returns).
 
-        Inside ``inference_session`` a call continues the conversation: ``input_ids`` are the new tokens only.
-        Tokens are chosen on the host; the result comes back on the device ``input_ids`` came on.
+        Inside ``inference_session`` a call continues the conversation: ``input_ids`` are the new tokens
+        only, and the result is them followed by the new tokens.
         """
-        given = input_ids if input_ids is not None else inputs
-        device = given.device if isinstance(given, torch.Tensor) else HOST
-        input_ids = _as_ids(given)
-        attention_mask = None if attention_mask is None else attention_mask.to(HOST)
-        config = generation.resolve_config(self.generation_config, generation_config, kwargs)
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise GenerationError(
-                f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}"
-            )
+        if inputs is None and "input_ids" in kwargs:
+            inputs = kwargs.pop("input_ids")
+        if isinstance(inputs, list | tuple):
+            inputs = _as_ids(inputs)
         conversation = self._conversation.get()
-        if conversation is not None:
-            budget = generation.new_token_budget(config, conversation.ids.shape[1] + input_ids.shape[1])
-            conversation.check_room(input_ids.shape[0], input_ids.shape[1] + budget)
-            out = generation.generate(conversation, input_ids, attention_mask, config, streamer)
+        if conversation is not None and kwargs.get("past_key_values") is None and inputs is not None:
+            mask = kwargs.pop("attention_mask", None)
+            device = inputs.device
+            inputs = _as_ids(inputs)
+            out = conversation.generate(super().generate, generation_config, inputs, mask, kwargs)
             self.last_route = conversation.route
-            return out.to(device)
-        budget = generation.new_token_budget(config, input_ids.shape[1])
-        with self.inference_session(max_length=input_ids.shape[1] + max(budget, 1)) as conversation:
-            out = generation.generate(conversation, input_ids, attention_mask, config, streamer)
-            self.last_route = conversation.route
-            return out.to(device)
+            return _to_device(out, device)
+        use_cache = kwargs.get("use_cache", (generation_config or self.generation_config).use_cache)
+        if kwargs.get("past_key_values") is not None or use_cache is False:
+            return super().generate(inputs, generation_config, **kwargs)
+        cache = RemoteCache(self._open_chain)
+        try:
+            out = super().generate(inputs, generation_config, past_key_values=cache, **kwargs)
+        except BaseException:
+            cache.close()
+            raise
+        self.last_route = cache.route
+        if not (isinstance(out, ModelOutput) and out.get("past_key_values") is cache):
+            cache.close()  # returned only with return_dict_in_generate: then it lives until dropped
+        return out
 
     # ---- lifetime ----
 
@@ -289,6 +366,14 @@ class ShardedModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _to_device(out, device: torch.device):
+    """Sequences back on the device the caller's ids came on."""
+    if isinstance(out, ModelOutput):
+        out.sequences = out.sequences.to(device)
+        return out
+    return out.to(device)
 
 
 def _as_ids(input_ids) -> torch.Tensor:

@@ -153,6 +153,35 @@ class InferenceSession:
         self.last_timings = timings
         return hidden
 
+    # ---- what generation does between steps: beam reorders, rollbacks ----
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i of every cache (the servers', the replay history) becomes old row ``rows[i]``.
+
+        Every server applies it with the session's next step; the replay history is reordered now, so a
+        replacement server rebuilds the reordered cache."""
+        rows = rows.to(HOST, torch.long)
+        if list(rows.shape) != [self.batch_size] or int(rows.min()) < 0 or int(rows.max()) >= self.batch_size:
+            raise GenerationError(
+                f"reorder rows must be {self.batch_size} indices in 0..{self.batch_size - 1}"
+            )
+        for hop in self._hops:
+            hop.stream.reorder(rows)
+            hop.inputs.reorder(rows)
+        self._positions.reorder(rows)
+        self._mask.reorder(rows)
+
+    def crop(self, keep: int) -> None:
+        """Forget every position from ``keep`` on, in the servers' caches (with the next step) and here."""
+        if not 0 <= keep <= self.position:
+            raise GenerationError(f"cannot keep {keep} positions of a session holding {self.position}")
+        for hop in self._hops:
+            hop.stream.crop(keep)
+            hop.inputs.truncate(keep)
+        self._positions.truncate(keep)
+        self._mask.truncate(keep)
+        self.position = keep
+
     # ---- opening and failover ----
 
     def _count_failure(self, hop: RouteHop, error: ShardnetError) -> None:
