@@ -52,6 +52,10 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # mixture-of-experts layers run on the servers too (qwen2_moe, mixtral)
+
     def __init__(
         self,
         config: PretrainedConfig,
