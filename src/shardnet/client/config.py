@@ -26,6 +26,7 @@ class ClientConfig:
     allowed_servers: frozenset[str] | None = None  # if set, only these peer ids are routed to
     blocked_servers: frozenset[str] = frozenset()  # peer ids never routed to
     quant: frozenset[str] = frozenset({"none"})  # quantizations of servers routed through (none = exact)
+    push: bool = True  # servers pass each step's output on to the next server (when all of a route can)
 
     def __post_init__(self) -> None:
         if self.dtype not in WIRE_DTYPES:

@@ -82,7 +82,10 @@ class SpanStream:
         self._step_id = 0
         self._timed_out = False
         self._deadlines = StepDeadlines.shared()
-        self._call = transport.stub(hop.server.address).Inference(iter(self._requests.get, _END))
+        self.push_token = b""
+        self.awaiting: int | None = None  # step id the server awaits as a push (push mode), if any
+        self._stub = transport.stub(hop.server.address)
+        self._call = self._stub.Inference(iter(self._requests.get, _END))
         try:
             opened = self._exchange(
                 pb.InferenceRequest(
@@ -97,6 +100,7 @@ class SpanStream:
             )
             if opened.WhichOneof("kind") != "opened":
                 raise RemoteError(f"{self.peer}: expected SessionOpened, got {opened.WhichOneof('kind')}")
+            self.push_token = opened.opened.push_token  # empty from a server that takes no pushes
         except BaseException:
             self.close()
             raise
@@ -107,6 +111,9 @@ class SpanStream:
 
     def _exchange(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
         self._requests.put(request)
+        return self._receive()
+
+    def _receive(self) -> pb.InferenceResponse:
         self._deadlines.arm(self, self.timeout_s, self._expire)
         try:
             return next(self._call)
@@ -127,40 +134,96 @@ class SpanStream:
         """Keep only the server cache's first ``keep`` positions, from the next step on."""
         self.position = min(self.position, keep)
 
-    def step(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, HopTiming]:
-        """Send the new positions' hidden states [batch, new, hidden]; returns (output, where time went).
-
-        A pending reorder or rollback travels with the step, so it costs no round trip of its own."""
-        began = time.perf_counter()
-        self._step_id += 1
+    def _build_step(
+        self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> pb.Step:
         step = pb.Step(
-            step_id=self._step_id,
+            step_id=step_id,
             position=self.position,
             hidden_states=serialize(hidden, self._limit),
             **optional_tensors(mask, positions, self._limit),
         )
         if self.pending_rows is not None:
             step.hypo_ids.CopyFrom(serialize(self.pending_rows.to(torch.int64), self._limit))
-        request = pb.InferenceRequest(step=step)
+        return step
+
+    def step(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, HopTiming]:
+        """Send the new positions' hidden states [batch, new, hidden]; returns (output, where time went).
+
+        A pending reorder or rollback travels with the step, so it costs no round trip of its own. If the
+        server awaits a pushed step that never came, the step is pushed to it by the client instead."""
+        began = time.perf_counter()
+        if self.awaiting is not None:
+            step_id = self.awaiting
+            step = self._build_step(step_id, hidden, mask, positions)
+            self._deliver(step)
+        else:
+            self._step_id += 1
+            step_id = self._step_id
+            self._requests.put(pb.InferenceRequest(step=self._build_step(step_id, hidden, mask, positions)))
         sent = time.perf_counter()
-        reply = self._exchange(request)
+        out, timing, _ = self.receive_step(step_id, hidden.shape[1], began)
+        timing.client_s += sent - began  # encoding the request
+        return out, timing
+
+    def _deliver(self, step: pb.Step) -> None:
+        """Push ``step`` to the server ourselves (it awaits a push the server before it did not make)."""
+        try:
+            self._stub.Push(pb.PushRequest(push_token=self.push_token, step=step), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.peer) from None
+
+    # ---- push mode: the server before this one sends the step, this stream only gets the reply ----
+
+    def await_push(self) -> pb.NextHop:
+        """Tell the server its next step comes from the server before it; returns that step's route entry."""
+        self._step_id += 1
+        self.awaiting = self._step_id
+        self._requests.put(pb.InferenceRequest(await_push=pb.AwaitPush(step_id=self._step_id)))
+        hop = pb.NextHop(
+            address=self.hop.server.address,
+            push_token=self.push_token,
+            step_id=self._step_id,
+            position=self.position,
+        )
+        if self.pending_rows is not None:
+            hop.hypo_ids.CopyFrom(serialize(self.pending_rows.to(torch.int64), self._limit))
+        return hop
+
+    def send_pushing(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, push: list[pb.NextHop]
+    ) -> int:
+        """Send a step whose output the server pushes along ``push``; returns its step id."""
+        self._step_id += 1
+        step = self._build_step(self._step_id, hidden, mask, positions)
+        step.push.extend(push)
+        self._requests.put(pb.InferenceRequest(step=step))
+        return self._step_id
+
+    def receive_step(self, step_id: int, new: int, began: float) -> tuple[torch.Tensor, HopTiming, str]:
+        """The reply to step ``step_id`` (older replies are skipped): (output, timing, push error or "")."""
+        while True:
+            reply = self._receive()
+            if reply.WhichOneof("kind") != "step" or reply.step.step_id > step_id:
+                raise RemoteError(f"{self.peer}: reply does not answer step {step_id}")
+            if reply.step.step_id == step_id:
+                break
         received = time.perf_counter()
         result = reply.step
-        if reply.WhichOneof("kind") != "step" or result.step_id != self._step_id:
-            raise RemoteError(f"{self.peer}: reply does not answer step {self._step_id}")
-        self.position += hidden.shape[1]
+        self.position += new
         self.pending_rows = None
+        self.awaiting = None
         out = deserialize(result.hidden_states)
         done = time.perf_counter()
         timing = HopTiming(
             total_s=done - began,
             server_compute_s=result.compute_s,
-            client_s=(sent - began) + (done - received),
+            client_s=done - received,
             server_handle_s=max(result.handle_s, result.compute_s),  # an older server reports no handle_s
         )
-        return out, timing
+        return out, timing, result.push_error
 
     def step_chunked(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, max_positions: int

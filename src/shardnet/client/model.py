@@ -99,6 +99,7 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         max_retries: int = 3,
         refresh_interval_s: float = 10.0,
         max_message_bytes: int = 256 * 1024 * 1024,
+        push: bool = True,
     ) -> ShardedModel:
         """Load the client-side weights from a local model folder and join the swarm.
 
@@ -109,7 +110,9 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         exclusively / never. ``quant``: quantizations of servers to route through: "none" (exact
         weights, the default), "int8", "nf4", several of them, or "any". ``route_timeout_s``: how long to wait for usable servers covering the blocks.
         ``request_timeout_s``: a server that does not answer one step (or forward) in time counts as
-        failed, and the session fails over. ``max_retries``: failovers allowed per step.
+        failed, and the session fails over. ``max_retries``: failovers allowed per step. ``push``: each
+        server passes a step's output straight to the next one (N+1 network delays per step instead of
+        2N), when every server of the route supports it; ``push=False`` chains every hop through the client.
         """
         client_config = ClientConfig(
             dtype=dtype,
@@ -122,6 +125,7 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
             allowed_servers=peer_set(allowed_servers, "allowed_servers"),
             blocked_servers=peer_set(blocked_servers, "blocked_servers") or frozenset(),
             quant=quant_set(quant),
+            push=bool(push),
         )
         if not initial_peers and dht is None:
             raise ConfigError("initial_peers is empty: pass the multiaddrs printed by `shardnet dht`")

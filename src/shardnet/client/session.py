@@ -13,6 +13,7 @@ of one step are bounded by ``max_retries``.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -114,6 +115,8 @@ class InferenceSession:
         timings: list[HopTiming] = []
         self._failures, index = 0, 0
         self._failed_peers.clear()
+        if self.pushing:
+            index, hidden = self._step_pushed(hidden, mask, positions, timings)
         while index < len(self._hops):
             hop = self._hops[index]
             try:
@@ -152,6 +155,43 @@ class InferenceSession:
         self.position += new
         self.last_timings = timings
         return hidden
+
+    @property
+    def pushing(self) -> bool:
+        """Whether steps go server to server: asked for, and every server of the route takes pushes."""
+        return self._config.push and len(self._hops) > 1 and all(h.stream.push_token for h in self._hops)
+
+    def _step_pushed(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        timings: list[HopTiming],
+    ) -> tuple[int, torch.Tensor]:
+        """Send the step to the first server, which pushes its output on along the route; collect every
+        hop's output (the next hop's replay history) from its stream. Returns the index of the first hop
+        that did not answer (len(hops) when all did) and that hop's input: the plain loop goes on from
+        there, failing over as usual."""
+        began = time.perf_counter()
+        streams = [hop.stream for hop in self._hops]
+        route = [stream.await_push() for stream in streams[1:]]  # before the push can reach them
+        first = streams[0].send_pushing(hidden, mask, positions, route)
+        step_ids = [first, *(entry.step_id for entry in route)]
+        for index, hop in enumerate(self._hops):
+            try:
+                out, timing, push_error = hop.stream.receive_step(step_ids[index], hidden.shape[1], began)
+            except ShardnetError as error:
+                logger.info(
+                    "session=%s: pushed step got no reply from %s (%s)", self.short_id, hop.hop, error
+                )
+                return index, hidden
+            hop.inputs.append(hidden)
+            timings.append(timing)
+            hidden = out
+            if push_error and index + 1 < len(self._hops):
+                logger.info("session=%s: %s", self.short_id, push_error)
+                return index + 1, hidden
+        return len(self._hops), hidden
 
     # ---- what generation does between steps: beam reorders, rollbacks ----
 

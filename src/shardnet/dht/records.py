@@ -49,6 +49,7 @@ class ServerRecord(pydantic.BaseModel):
     max_length: pydantic.conint(strict=True, ge=0) = 0  # longest session, positions; 0 = not announced
     max_batch_size: pydantic.conint(strict=True, ge=0) = 0  # largest batch accepted; 0 = not announced
     quant: pydantic.constr(strict=True, regex="^(none|int8|nf4)$") = "none"  # weight-only quantization
+    push: pydantic.StrictBool = False  # passes step outputs on to the next server (Push rpc)
 
     @pydantic.validator("end")
     def _end_after_start(cls, end: int, values: dict) -> int:  # noqa: N805

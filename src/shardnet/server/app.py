@@ -20,7 +20,7 @@ from shardnet.devices import (
     resolve_device,
     resolve_dtype,
 )
-from shardnet.dht import ServerRecord, ServerState, announce, start_dht, visible_maddrs
+from shardnet.dht import ServerRecord, ServerState, announce, lookup, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
 from shardnet.models import Checkpoint, adapter_for, derive_model_id, load_config, validate_model_id
 from shardnet.models.footprint import block_weight_bytes, kv_bytes_per_token
@@ -31,6 +31,7 @@ from shardnet.server.block_choice import Peers
 from shardnet.server.config import ServerConfig
 from shardnet.server.fit import GIB, SpanFootprint, check_fit
 from shardnet.server.placement import FirstLook, Placement
+from shardnet.server.push import PushSender
 from shardnet.server.reaper import IdleReaper
 from shardnet.server.servicer import ServerRuntime, ShardServicer
 from shardnet.server.sessions import SessionTable
@@ -154,7 +155,12 @@ class Server:
             sessions_served=self.runtime.sessions.sessions_served,
             max_length=self.max_length,
             max_batch_size=self.config.max_batch_size,
+            push=True,
         )
+
+    def _announced_addresses(self) -> set[str]:
+        """host:port of every server of this model in the DHT: the only addresses this one pushes to."""
+        return {view.address for views in lookup(self.dht, self.model_id, self.num_blocks) for view in views}
 
     def _load_backend(self) -> SpanBackend:
         start, end = self.span
@@ -207,6 +213,7 @@ class Server:
                 placement = self._placement()
                 first = await asyncio.to_thread(placement.first_look)
                 self.span = first.span
+            self.runtime.push = PushSender(self._announced_addresses, grpc_options(cfg.max_message_bytes))
             server = self._start_grpc()
         except BaseException:
             await asyncio.to_thread(self.dht.shutdown)
@@ -249,6 +256,7 @@ class Server:
             self.runtime.state = ServerState.OFFLINE
             await announcer.announce_now()
             await asyncio.to_thread(server.stop(grace=1.0).wait)
+            self.runtime.push.close()
             await asyncio.to_thread(self.dht.shutdown)
             logger.info("shardnet server stopped: blocks=%d:%d", *self.span)
 

@@ -8,6 +8,7 @@ grpc.aio plus an executor). The backend makes compute serial and shares it fairl
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import grpc
 from shardnet.dht import ServerState
 from shardnet.errors import InvalidRequestError, ServerUnavailableError, SessionError, ShardnetError
 from shardnet.server.backend import SpanBackend, StepInput
+from shardnet.server.push import PushSender
 from shardnet.server.sessions import Session, SessionTable
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
@@ -26,6 +28,7 @@ from shardnet.wire.tensors import FLOAT_DTYPES, deserialize, serialize
 logger = logging.getLogger(__name__)
 _MASK_DTYPES = frozenset({"int64", "bool"})
 _POSITION_DTYPES = frozenset({"int64"})
+PUSH_WAIT_S = 120.0  # how long a session awaits a pushed step before giving up on it
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ServerRuntime:
     quant: str = "none"  # weight-only quantization of the span (ServerConfig.quant)
     state: ServerState = ServerState.JOINING
     backend: SpanBackend | None = None  # None until the span's weights are loaded
+    push: PushSender | None = None  # passes step outputs on to the next server (None: push refused)
 
     def ready_backend(self) -> SpanBackend:
         if self.backend is None or self.state == ServerState.JOINING:
@@ -126,13 +130,16 @@ class ShardServicer(pb_grpc.ShardServicer):
                     session = self._open(request.open, context)
                     yield pb.InferenceResponse(
                         opened=pb.SessionOpened(
-                            session_id=session.session_id, cache_tokens=session.cache_tokens
+                            session_id=session.session_id,
+                            cache_tokens=session.cache_tokens,
+                            push_token=session.push_token,
                         )
                     )
-                elif kind == "step":
+                elif kind in ("step", "await_push"):
                     if session is None:
                         raise SessionError("step before OpenSession: open a session first on this stream")
-                    yield self._step(session, request.step)
+                    step = request.step if kind == "step" else self._pushed(session, request.await_push)
+                    yield self._step(session, step)
                 else:
                     raise InvalidRequestError("empty InferenceRequest: set open or step")
         except grpc.RpcError:  # the client went away mid-stream: nothing to answer
@@ -188,5 +195,34 @@ class ShardServicer(pb_grpc.ShardServicer):
             compute_s=compute_s,
             position=session.position,
         )
+        if len(request.push):  # the next server's step is on the critical path: before replying here
+            if self.runtime.push is None:
+                result.push_error = "this server does not push"
+            else:
+                result.push_error = self.runtime.push.push(request, result.hidden_states)
         result.handle_s = time.perf_counter() - began
         return pb.InferenceResponse(step=result)
+
+    def _pushed(self, session: Session, wait: pb.AwaitPush) -> pb.Step:
+        """The step ``wait.step_id`` pushed to this session (older, stale pushes are dropped)."""
+        deadline = time.monotonic() + PUSH_WAIT_S
+        while True:
+            try:
+                step = session.inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                raise SessionError(
+                    f"step {wait.step_id} of session {session.short_id} was never pushed within {PUSH_WAIT_S:g}s"
+                ) from None
+            if step.step_id == wait.step_id:
+                return step
+            if step.step_id > wait.step_id:
+                raise SessionError(f"pushed step {step.step_id} while waiting for step {wait.step_id}")
+
+    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushAck:
+        try:
+            self.runtime.ready_backend()
+            session = self.runtime.sessions.pushed_to(request.push_token)
+            session.inbox.put(request.step)
+            return pb.PushAck()
+        except Exception as error:  # every failure becomes a status; the server keeps serving
+            self._abort(context, error)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import queue
+import secrets
 import threading
 import time
 import uuid
@@ -38,6 +40,8 @@ class Session:
     last_active_s: float = field(default_factory=time.monotonic)  # monotonic time its last step ended
     busy: bool = False  # a step is being run (or waits for compute) now
     reclaimed: bool = False  # closed for idleness: takes no more steps
+    push_token: bytes = field(default_factory=lambda: secrets.token_bytes(16))  # names it to pushing servers
+    inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # steps from the client or a push
 
     @property
     def cache_tokens(self) -> int:
@@ -60,6 +64,7 @@ class SessionTable:
         self.max_sessions = max_sessions
         self.on_change: Callable[[], None] | None = None
         self._sessions: dict[str, Session] = {}
+        self._by_token: dict[bytes, Session] = {}
         self._served = 0
         self._lock = threading.Lock()
 
@@ -109,6 +114,7 @@ class SessionTable:
                 session_id = uuid.uuid4().hex
             session = Session(session_id, start, end, batch_size, max_length, cache, cancel)
             self._sessions[session_id] = session
+            self._by_token[session.push_token] = session
             self._served += 1
         logger.info(
             "session open session=%s span=%d:%d batch=%d max_length=%d",
@@ -124,6 +130,7 @@ class SessionTable:
     def close(self, session: Session) -> None:
         with self._lock:
             removed = self._sessions.pop(session.session_id, None)
+            self._by_token.pop(session.push_token, None)
         if removed is not None:
             removed.cache = None  # drop the KV tensors now, not when the handler's frame goes
             removed.attention_mask = None
@@ -135,6 +142,14 @@ class SessionTable:
                 session.compute_s,
             )
             self._changed()
+
+    def pushed_to(self, push_token: bytes) -> Session:
+        """The open session a pushing server names by its token."""
+        with self._lock:
+            session = self._by_token.get(push_token)
+        if session is None or session.reclaimed:
+            raise SessionError("push to a session that is not open here (closed, reclaimed or never opened)")
+        return session
 
     def begin_step(self, session: Session) -> None:
         """Mark a session busy (never reclaimed while busy); refused once it was reclaimed."""

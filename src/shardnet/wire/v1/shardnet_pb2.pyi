@@ -85,12 +85,20 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("open", "step")
+    __slots__ = ("open", "step", "await_push")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    AWAIT_PUSH_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     step: Step
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+    await_push: AwaitPush
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., await_push: _Optional[_Union[AwaitPush, _Mapping]] = ...) -> None: ...
+
+class AwaitPush(_message.Message):
+    __slots__ = ("step_id",)
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    def __init__(self, step_id: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("model_id", "span", "max_length", "batch_size", "session_id")
@@ -107,20 +115,48 @@ class OpenSession(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "position", "hidden_states", "attention_mask", "position_ids", "hypo_ids")
+    __slots__ = ("step_id", "position", "hidden_states", "attention_mask", "position_ids", "hypo_ids", "push")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     HYPO_IDS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     position: int
     hidden_states: Tensor
     attention_mask: Tensor
     position_ids: Tensor
     hypo_ids: Tensor
-    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hypo_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    push: _containers.RepeatedCompositeFieldContainer[NextHop]
+    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hypo_ids: _Optional[_Union[Tensor, _Mapping]] = ..., push: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ...) -> None: ...
+
+class NextHop(_message.Message):
+    __slots__ = ("address", "push_token", "step_id", "position", "hypo_ids")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    HYPO_IDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    push_token: bytes
+    step_id: int
+    position: int
+    hypo_ids: Tensor
+    def __init__(self, address: _Optional[str] = ..., push_token: _Optional[bytes] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., hypo_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("push_token", "step")
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    push_token: bytes
+    step: Step
+    def __init__(self, push_token: _Optional[bytes] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+
+class PushAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "step")
@@ -131,23 +167,27 @@ class InferenceResponse(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "cache_tokens")
+    __slots__ = ("session_id", "cache_tokens", "push_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     cache_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., cache_tokens: _Optional[int] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., cache_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s")
+    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s", "push_error")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     HANDLE_S_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     compute_s: float
     position: int
     handle_s: float
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ...) -> None: ...
+    push_error: str
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ..., push_error: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,11 @@ class ShardStub:
                 request_serializer=shardnet_dot_v1_dot_shardnet__pb2.InferenceRequest.SerializeToString,
                 response_deserializer=shardnet_dot_v1_dot_shardnet__pb2.InferenceResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/shardnet.v1.Shard/Push',
+                request_serializer=shardnet_dot_v1_dot_shardnet__pb2.PushRequest.SerializeToString,
+                response_deserializer=shardnet_dot_v1_dot_shardnet__pb2.PushAck.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -79,6 +84,15 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request, context):
+        """Server-to-server push: a step of a session open on this server, sent by the server before it in
+        the session's route. The step runs as if the client had sent it on the session's stream, and its
+        result goes to the client on that stream. Answered once the step is queued, not computed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +110,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=shardnet_dot_v1_dot_shardnet__pb2.InferenceRequest.FromString,
                     response_serializer=shardnet_dot_v1_dot_shardnet__pb2.InferenceResponse.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=shardnet_dot_v1_dot_shardnet__pb2.PushRequest.FromString,
+                    response_serializer=shardnet_dot_v1_dot_shardnet__pb2.PushAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +199,33 @@ class Shard:
             '/shardnet.v1.Shard/Inference',
             shardnet_dot_v1_dot_shardnet__pb2.InferenceRequest.SerializeToString,
             shardnet_dot_v1_dot_shardnet__pb2.InferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardnet.v1.Shard/Push',
+            shardnet_dot_v1_dot_shardnet__pb2.PushRequest.SerializeToString,
+            shardnet_dot_v1_dot_shardnet__pb2.PushAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,120 @@
+"""Server-to-server push on real processes: each server passes a step's output straight to the next.
+
+The client sends a step to the first server of the route only; the others get it from the server
+before them and answer the client on their own streams (whose replies are the replay history). The
+tokens must equal local transformers', with push on or off, with beams, and across a kill -9 of the
+middle server mid-generation.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from shardnet import ShardedModel
+from shardnet.launch import LocalSwarm
+from shardnet.wire import pb, pb_grpc
+from shardnet.wire.tensors import serialize
+
+from .conftest import OnToken, reference
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def local(llama_untied):
+    return reference(llama_untied)
+
+
+@pytest.fixture
+def swarm(llama_untied, tmp_path):
+    local_swarm = LocalSwarm(llama_untied, [(0, 2), (2, 4), (4, 6)], log_dir=tmp_path, torch_threads=1)
+    local_swarm.start(timeout_s=180)
+    yield local_swarm
+    local_swarm.stop()
+
+
+def _prompt(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 256, (batch, 9), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[0, :4], mask[0, :4] = 0, 0  # row 0 is left-padded by 4
+    return ids, mask
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["push", "chained"])
+def test_greedy_batch2_left_padded_and_beams_match_local(swarm, local, push):
+    ids, mask = _prompt(2)
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, push=push) as model:
+        with model.inference_session(max_length=64) as session:
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert session.chain.pushing is push
+            assert len(session.route) == 3
+        beams = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=3)
+    want = local.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert got.tolist() == want.tolist()
+    assert (
+        beams.tolist()
+        == local.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=3).tolist()
+    )
+
+
+def test_kill_9_of_the_middle_server_with_push_stays_exact(swarm, local):
+    ids, mask = _prompt(2, seed=3)
+    want = local.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    victim = swarm.servers[1]  # blocks 2:4
+
+    def replace_then_kill() -> None:
+        swarm.start_server(2, 4)
+        swarm.wait_ready(timeout_s=120)
+        victim.kill()
+        victim.wait(timeout=30)
+
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
+        with model.inference_session(max_length=64) as session:
+            got = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                streamer=OnToken(5, replace_then_kill),
+            )
+            assert session.chain.failovers == 1 and session.chain.pushing
+    assert victim.poll() is not None
+    assert got.tolist() == want.tolist()
+
+
+def test_a_server_pushes_only_to_announced_servers(swarm):
+    """A request naming an arbitrary next address gets push_error; the step itself is answered."""
+    address = f"127.0.0.1:{swarm.online_ports().pop()}"
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.ShardStub(channel)
+        info = stub.Info(pb.InfoRequest(), timeout=10)
+        requests = [
+            pb.InferenceRequest(
+                open=pb.OpenSession(model_id=swarm.model_id, span=info.span, max_length=8, batch_size=1)
+            ),
+            pb.InferenceRequest(
+                step=pb.Step(
+                    step_id=1,
+                    position=0,
+                    hidden_states=serialize(torch.randn(1, 1, 64)),
+                    push=[pb.NextHop(address="127.0.0.1:9", push_token=b"x" * 16, step_id=1, position=0)],
+                )
+            ),
+        ]
+        opened, stepped = list(stub.Inference(iter(requests), timeout=30))
+    assert len(opened.opened.push_token) == 16
+    assert list(stepped.step.hidden_states.shape) == [1, 1, 64]
+    assert "no server of this model announced" in stepped.step.push_error
+
+
+def test_a_push_with_a_wrong_token_is_refused(swarm):
+    address = f"127.0.0.1:{swarm.online_ports().pop()}"
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ShardStub(channel).Push(
+                pb.PushRequest(push_token=b"guess" * 4, step=pb.Step(step_id=1)), timeout=10
+            )
+    assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
