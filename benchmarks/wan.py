@@ -9,7 +9,8 @@ per hop is a one-way delay of R/2 ms each direction (``--bandwidth-mbps`` also c
 
 Per (servers, push, assisted, RTT), one JSON line: decode tokens/s (greedy, no EOS, exactly --new-tokens
 tokens; the decode phase only, after the first token), time to first token, and the decode speed the
-performance model of DESIGN.md predicts from the RTT-0 line of the same configuration:
+design's performance model predicts (compute + overheads + 2 one-way delays per hop, or hops + 1 delays
+with push), the compute and overheads taken from the RTT-0 line of the same configuration:
 client-chained, per target step, ``t = t(RTT 0) + hops x RTT``; with push ``t = t(RTT 0) + (hops + 1) x
 RTT / 2``. ``--push on`` needs ``ShardedModel.from_pretrained(push=...)``; without it only ``off`` runs.
 ``--assisted`` adds assisted decoding with a local draft of the same vocabulary, two kinds (``--draft``):
@@ -287,11 +288,7 @@ def bench_client(model_path, swarm, proxy, spans, prompt, args, push: bool, draf
                     **prediction(base[assisted], measured, rtt_ms, hops, push),
                     # Every line's tokens equal the first (plain, RTT 0): latency and drafts change no token.
                     tokens_match=bool(torch.equal(tokens, reference)),
-                    **(
-                        {"draft_layers": args.draft_layers, "draft_tokens": args.draft_tokens}
-                        if assisted
-                        else {}
-                    ),
+                    **(draft_fields(args) if assisted else {}),
                     proxy_bytes_per_token=round(wire_bytes / (args.repeats * args.new_tokens)),
                     proxy_connections=after["connections"],
                     server_torch_threads=args.server_threads,
