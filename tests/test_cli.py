@@ -78,6 +78,15 @@ def test_listen_everywhere_needs_announce_host(llama_24):
     )
 
 
+@pytest.mark.parametrize(
+    ("value", "words"), [("0", ["between 1 and 65535"]), ("70000", ["70000"]), ("x", ["'x'"])]
+)
+def test_bad_announce_port(llama_24, value, words):
+    result = _run("serve", "--model", str(llama_24), "--blocks", "0:1", "--announce-port", value)
+    assert result.returncode == 2
+    _assert_one_line_error(result, "--announce-port", *words)
+
+
 def test_status_needs_peers(llama_24, monkeypatch):
     monkeypatch.delenv("SHARDNET_INITIAL_PEERS", raising=False)
     _assert_one_line_error(_run("status", "--model", str(llama_24)), "--initial-peers")

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="gRPC interface (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="gRPC port; 0 = pick one")
     serve.add_argument("--announce-host", default=None, help="address clients dial (default: --host)")
+    serve.add_argument(
+        "--announce-port",
+        type=int,
+        default=None,
+        help="gRPC port clients dial, when it differs from --port (port forwarding, a proxy); "
+        "default: the port the server listens on",
+    )
     serve.add_argument("--dht-host", default="127.0.0.1", help="DHT interface (default 127.0.0.1)")
     serve.add_argument("--dht-port", type=int, default=0, help="DHT port; 0 = pick one")
     serve.add_argument("--model-id", default=None, help="DHT prefix; default: derived from the model config")
@@ -298,6 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         announce_host=args.announce_host,
+        announce_port=args.announce_port,
         dht_host=args.dht_host,
         dht_port=args.dht_port,
         model_id=args.model_id,

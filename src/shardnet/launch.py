@@ -46,11 +46,17 @@ class LocalSwarm:
         extra_args: Sequence[str] = (),
         log_dir: str | Path | None = None,
         torch_threads: int | None = None,
+        server_args: Sequence[Sequence[str]] | None = None,
     ):
+        """``extra_args`` go to every server; ``server_args``, one list per span, to that span's server only
+        (e.g. its own ``--port`` and ``--announce-port``)."""
         self.model_path = Path(model_path)
         self.spans = list(spans)
         self.dtype = dtype
         self.extra_args = list(extra_args)
+        if server_args is not None and len(server_args) != len(self.spans):
+            raise ValueError(f"server_args has {len(server_args)} lists for {len(self.spans)} spans")
+        self.server_args = [list(args) for args in server_args] if server_args else [[] for _ in self.spans]
         self.log_dir = Path(log_dir) if log_dir else None
         self.torch_threads = torch_threads
         config = load_config(self.model_path)
@@ -61,6 +67,7 @@ class LocalSwarm:
         self.servers: list[subprocess.Popen] = []
         self._logs: list = []
         self._labels: dict[int, str] = {}  # server pid -> what it was asked to serve, e.g. "--blocks 0:3"
+        self._announce_ports: dict[int, int] = {}  # server pid -> its --announce-port, where it has one
         self._probe = None  # a client-mode DHT node of our own, for wait_ready
 
     def _spawn(self, args: list[str], name: str, stdout=None) -> subprocess.Popen:
@@ -121,13 +128,16 @@ class LocalSwarm:
         process = self._spawn(args, name if not copies else f"{name}.{copies}")  # replicas: .1, .2, ...
         self.servers.append(process)
         self._labels[process.pid] = " ".join(where)
+        announce_port = _last_value(args, "--announce-port")
+        if announce_port is not None:  # the port wait_ready looks for in the DHT, not the one it listens on
+            self._announce_ports[process.pid] = int(announce_port)
         return process
 
     def start(self, timeout_s: float = 120.0) -> LocalSwarm:
         try:
             self.start_dht()
-            for start, end in self.spans:
-                self.start_server(start, end)
+            for (start, end), args in zip(self.spans, self.server_args, strict=True):
+                self.start_server(start, end, args)
             self.wait_ready(timeout_s)
         except BaseException:
             self.stop()
@@ -155,7 +165,8 @@ class LocalSwarm:
                     )
             online, waiting = self.online_ports(), []
             for process in running:
-                ports = _listening_ports(process.pid)
+                announced = self._announce_ports.get(process.pid)
+                ports = {announced} if announced else _listening_ports(process.pid)
                 if not ports & online:
                     waiting.append(process)
             if not waiting:
@@ -185,6 +196,7 @@ class LocalSwarm:
             log.close()
         self.servers.clear()
         self._labels.clear()
+        self._announce_ports.clear()
         self.dht_process = None
 
     def __enter__(self) -> LocalSwarm:
@@ -192,6 +204,12 @@ class LocalSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _last_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` in ``args`` (argparse keeps the last), or None."""
+    values = [value for name, value in zip(args[:-1], args[1:], strict=True) if name == flag]
+    return values[-1] if values else None
 
 
 def _listening_ports(pid: int) -> set[int]:

@@ -141,7 +141,7 @@ class Server:
             state=self.runtime.state.value,
             peer_id=self.dht.peer_id.to_base58(),
             host=self.config.dial_host,
-            port=self.port,
+            port=self.config.dial_port(self.port),
             start=self.span[0],
             end=self.span[1],
             dtype=dtype_name(self.dtype),
@@ -235,14 +235,16 @@ class Server:
             reaper.start()
             maddrs = visible_maddrs(self.dht)
             logger.info(
-                "shardnet server ready: model=%s blocks=%d:%d device=%s dtype=%s quant=%s grpc=%s:%d dht=%s load=%.1fs "
-                "throughput=%.1f steps/s",
+                "shardnet server ready: model=%s blocks=%d:%d device=%s dtype=%s quant=%s grpc=%s:%d "
+                "(listening on %s:%d) dht=%s load=%.1fs throughput=%.1f steps/s",
                 self.model_id,
                 *self.span,
                 describe_device(self.device),
                 dtype_name(self.dtype),
                 cfg.quant,
                 cfg.dial_host,
+                cfg.dial_port(self.port),
+                cfg.host,
                 self.port,
                 maddrs[0] if maddrs else "?",
                 time.perf_counter() - began,

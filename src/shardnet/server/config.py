@@ -36,6 +36,7 @@ class ServerConfig:
     host: str = "127.0.0.1"  # interface the gRPC server listens on
     port: int = 0  # gRPC port; 0 = pick a free one
     announce_host: str | None = None  # host clients dial; default = host
+    announce_port: int | None = None  # gRPC port clients dial (forwarded, proxied); default = port
     dht_host: str = "127.0.0.1"  # interface the DHT node listens on
     dht_port: int = 0  # DHT port; 0 = pick a free one
     model_id: str | None = None  # DHT prefix; default = derived from the model's config
@@ -78,6 +79,10 @@ class ServerConfig:
             raise ConfigError("--num-blocks must be at least 1")
         if not 0 <= self.port <= 65535 or not 0 <= self.dht_port <= 65535:
             raise ConfigError("--port and --dht-port must be between 0 and 65535")
+        if self.announce_port is not None and not 1 <= self.announce_port <= 65535:
+            raise ConfigError(
+                f"--announce-port {self.announce_port} is not a port: it must be between 1 and 65535"
+            )
         if self.host in ("0.0.0.0", "::") and not self.announce_host:
             raise ConfigError(
                 f"--host {self.host} listens everywhere: also pass --announce-host, the address clients dial"
@@ -106,3 +111,7 @@ class ServerConfig:
     @property
     def dial_host(self) -> str:
         return self.announce_host or self.host
+
+    def dial_port(self, listening_port: int) -> int:
+        """The gRPC port clients dial: --announce-port, else the one we listen on (known once we do)."""
+        return self.announce_port or listening_port
