@@ -35,6 +35,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens (seeded)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per layout; medians reported")
+    parser.add_argument(
+        "--push", nargs="+", choices=["on", "off"], default=["on"], help="server-to-server push (default on)"
+    )
     return parser.parse_args()
 
 
@@ -105,7 +108,8 @@ def hop_split(steps: list[list], spans: list[str]) -> list[dict]:
 
 def bench_swarm(
     model_path: Path, spans: list[tuple[int, int]], prompt: torch.Tensor, args: argparse.Namespace
-) -> tuple[dict, torch.Tensor]:
+) -> list[tuple[dict, torch.Tensor]]:
+    """One swarm; a client per --push mode on it, in turn. Returns (fields, tokens) per mode."""
     swarm = LocalSwarm(
         model_path,
         spans,
@@ -117,30 +121,36 @@ def bench_swarm(
         began = time.perf_counter()
         swarm.start(timeout_s=600)
         logger.info("swarm %s up in %.1fs", harness.span_names(spans), time.perf_counter() - began)
-        model = ShardedModel.from_pretrained(
-            model_path, initial_peers=swarm.initial_peers, dtype=harness.torch_dtype(args.dtype)
-        )
-        decode_steps: list[list] = []
-        try:
-
-            def generate(ids, new_tokens, streamer):
-                max_length = ids.shape[1] + new_tokens
-                with model.inference_session(max_length=max_length) as conversation:
-                    out = model.generate(ids, max_new_tokens=new_tokens, streamer=streamer, **GREEDY)
-                    if streamer is not None:  # timed run: keep its decode steps (step 0 is the prefill)
-                        decode_steps.extend(conversation.step_timings[1:])
-                return out
-
-            runs, tokens = timed_runs(generate, prompt, args)
-            route = [(hop.start, hop.end) for hop in model.route()]
-        finally:
-            model.close()
+        measured = [bench_client(model_path, swarm, spans, prompt, args, mode == "on") for mode in args.push]
     finally:
         swarm.stop()
+    return measured
+
+
+def bench_client(model_path, swarm, spans, prompt, args, push: bool) -> tuple[dict, torch.Tensor]:
+    model = ShardedModel.from_pretrained(
+        model_path, initial_peers=swarm.initial_peers, dtype=harness.torch_dtype(args.dtype), push=push
+    )
+    decode_steps: list[list] = []
+    try:
+
+        def generate(ids, new_tokens, streamer):
+            max_length = ids.shape[1] + new_tokens
+            with model.inference_session(max_length=max_length) as conversation:
+                out = model.generate(ids, max_new_tokens=new_tokens, streamer=streamer, **GREEDY)
+                if streamer is not None:  # timed run: keep its decode steps (step 0 is the prefill)
+                    decode_steps.extend(conversation.step_timings[1:])
+            return out
+
+        runs, tokens = timed_runs(generate, prompt, args)
+        route = [(hop.start, hop.end) for hop in model.route()]
+    finally:
+        model.close()
     fields = dict(
         servers=len(spans),
         spans=harness.span_names(spans),
         hops=len(route),
+        push=push,
         **speed_fields(runs, args.batch),
         hop_split=hop_split(decode_steps, harness.span_names(route)) if decode_steps else [],
     )
@@ -202,23 +212,28 @@ def main() -> None:
             if servers > blocks:
                 logger.info("skipping %d servers: the model has only %d blocks", servers, blocks)
                 continue
-            fields, tokens = bench_swarm(model_path, even_spans(blocks, servers), prompt, args)
-            overhead_ms = (fields["decode_step_ms"] - local["decode_step_ms"]) / fields["hops"]
-            in_hops_ms = sum(hop["total_ms"] for hop in fields["hop_split"])
-            result = harness.record(
-                "hops",
-                kind="swarm",
-                **common,
-                **fields,
-                per_hop_overhead_ms=round(overhead_ms, 3),
-                outside_hops_ms=round(fields["decode_step_ms"] - in_hops_ms, 3) if in_hops_ms else None,
-                tokens_match=bool(torch.equal(tokens, local_tokens)),
-                server_torch_threads=args.server_threads,
-            )
-            harness.emit(result)
-            results.append(result)
+            for fields, tokens in bench_swarm(model_path, even_spans(blocks, servers), prompt, args):
+                emit_swarm(results, local, common, fields, tokens, local_tokens, args)
     if args.plot:
         plot(results, args.plot)
+
+
+def emit_swarm(results, local, common, fields, tokens, local_tokens, args) -> None:
+    """One swarm line: its speed, the overhead per hop over local transformers, where the step's time went."""
+    overhead_ms = (fields["decode_step_ms"] - local["decode_step_ms"]) / fields["hops"]
+    in_hops_ms = sum(hop["total_ms"] for hop in fields["hop_split"])
+    result = harness.record(
+        "hops",
+        kind="swarm",
+        **common,
+        **fields,
+        per_hop_overhead_ms=round(overhead_ms, 3),
+        outside_hops_ms=round(fields["decode_step_ms"] - in_hops_ms, 3) if in_hops_ms else None,
+        tokens_match=bool(torch.equal(tokens, local_tokens)),
+        server_torch_threads=args.server_threads,
+    )
+    harness.emit(result)
+    results.append(result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ reports ``target_steps_per_token`` (target forward calls per decode token: 1 wit
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import socket
 import time
@@ -85,11 +84,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def push_modes(wanted: list[str]) -> list[bool]:
-    """The push settings to run: "on" only where ``ShardedModel.from_pretrained`` takes ``push``."""
-    supported = "push" in inspect.signature(ShardedModel.from_pretrained).parameters
-    if "on" in wanted and not supported:
-        logger.warning("--push on skipped: ShardedModel.from_pretrained has no push parameter yet")
-    return [mode == "on" for mode in ["off", "on"] if mode in wanted and (mode == "off" or supported)]
+    """The push settings to run, off first."""
+    return [mode == "on" for mode in ["off", "on"] if mode in wanted]
 
 
 def free_ports(n: int) -> list[int]:
@@ -248,9 +244,8 @@ def bench_swarm(
 
 
 def bench_client(model_path, swarm, proxy, spans, prompt, args, push: bool, draft) -> list[dict]:
-    kwargs = {"push": push} if push else {}
     model = ShardedModel.from_pretrained(
-        model_path, initial_peers=swarm.initial_peers, dtype=harness.torch_dtype(args.dtype), **kwargs
+        model_path, initial_peers=swarm.initial_peers, dtype=harness.torch_dtype(args.dtype), push=push
     )
     modes = [None, draft] if draft is not None else [None]
     results, base, reference = [], {}, None

@@ -155,6 +155,8 @@ class SpanStream:
         A pending reorder or rollback travels with the step, so it costs no round trip of its own. If the
         server awaits a pushed step that never came, the step is pushed to it by the client instead."""
         began = time.perf_counter()
+        if self._timed_out:  # cancelled by an earlier timeout: fail now, not after another one
+            raise StepTimeoutError(f"{self.peer}: no reply within {self.timeout_s:g}s")
         if self.awaiting is not None:
             step_id = self.awaiting
             step = self._build_step(step_id, hidden, mask, positions)
@@ -212,6 +214,9 @@ class SpanStream:
                 break
         received = time.perf_counter()
         result = reply.step
+        self.awaiting = None
+        if not result.HasField("hidden_states"):  # the push never reached this server: nothing computed
+            raise RemoteError(f"{self.peer}: step {step_id} was not pushed here: {result.push_error}")
         self.position += new
         self.pending_rows = None
         self.awaiting = None

@@ -49,6 +49,18 @@ class _Replay:
         self.hidden = hidden  # [batch, positions, hidden] inputs of the first replacement hop
         self.mask = mask  # [batch, positions] or None when no padding was ever sent
         self.positions = positions  # [batch, positions]
+        self.output: torch.Tensor | None = None  # [batch, positions, hidden] the replacements' output
+
+
+class _PushedStep:
+    """A pushed step whose intermediate replies are still to be read (see InferenceSession._collect)."""
+
+    def __init__(self, hops: list[_Hop], step_ids: list[int], hidden: torch.Tensor, began: float):
+        self.hops = hops  # the route the step went through
+        self.step_ids = step_ids  # its step id on each hop's stream
+        self.hidden = hidden  # [batch, new, hidden] the first hop's input
+        self.began = began
+        self.timings = [HopTiming() for _ in hops[:-1]]  # filled in as the replies are read
 
 
 class InferenceSession:
@@ -82,6 +94,7 @@ class InferenceSession:
         self._failures = 0  # failovers during the current step (or the opening)
         self._failed_peers: set[str] = set()  # servers that failed the current step: not retried in it
         self._hops: list[_Hop] = []
+        self._uncollected: _PushedStep | None = None
         self._hops, _ = self._open(*blocks, None)
         logger.info(
             "session open session=%s route=%s max_length=%d batch=%d",
@@ -115,6 +128,7 @@ class InferenceSession:
         timings: list[HopTiming] = []
         self._failures, index = 0, 0
         self._failed_peers.clear()
+        self._collect()
         if self.pushing:
             index, hidden = self._step_pushed(hidden, mask, positions, timings)
         while index < len(self._hops):
@@ -128,22 +142,10 @@ class InferenceSession:
                     self._mask.with_tail(step_mask) if masked else None,
                     self._positions.with_tail(positions),
                 )
-                hop.stream.close()
-                self._health.session_closed(hop.hop.peer_id)
-                replacements, out_all = self._open(hop.hop.start, hop.hop.end, replay)
-                self._hops[index : index + 1] = replacements
-                self.failovers += 1
-                logger.info(
-                    "session=%s failed over %d:%d to %s, replayed %d positions",
-                    self.short_id,
-                    hop.hop.start,
-                    hop.hop.end,
-                    describe([r.hop for r in replacements]),
-                    replay.hidden.shape[1],
-                )
-                timings.extend(HopTiming() for _ in replacements)
-                hidden = out_all[:, -new:]
-                index += len(replacements)
+                replaced = self._replace(index, replay)
+                timings.extend(HopTiming() for _ in range(replaced))
+                hidden = replay.output[:, -new:]
+                index += replaced
                 continue
             hop.inputs.append(hidden)
             timings.append(timing)
@@ -155,6 +157,25 @@ class InferenceSession:
         self.position += new
         self.last_timings = timings
         return hidden
+
+    def _replace(self, index: int, replay: _Replay) -> int:
+        """Route hop ``index``'s blocks again and replay into the replacements (``replay.output`` is
+        their last output); returns how many hops replaced it."""
+        hop = self._hops[index]
+        hop.stream.close()
+        self._health.session_closed(hop.hop.peer_id)
+        replacements, replay.output = self._open(hop.hop.start, hop.hop.end, replay)
+        self._hops[index : index + 1] = replacements
+        self.failovers += 1
+        logger.info(
+            "session=%s failed over %d:%d to %s, replayed %d positions",
+            self.short_id,
+            hop.hop.start,
+            hop.hop.end,
+            describe([r.hop for r in replacements]),
+            replay.hidden.shape[1],
+        )
+        return len(replacements)
 
     @property
     def pushing(self) -> bool:
@@ -168,18 +189,31 @@ class InferenceSession:
         positions: torch.Tensor,
         timings: list[HopTiming],
     ) -> tuple[int, torch.Tensor]:
-        """Send the step to the first server, which pushes its output on along the route; collect every
-        hop's output (the next hop's replay history) from its stream. Returns the index of the first hop
-        that did not answer (len(hops) when all did) and that hop's input: the plain loop goes on from
-        there, failing over as usual."""
+        """Send the step to the first server, which pushes its output on along the route, and wait for the
+        last server's reply only. The other servers' replies (the next hops' replay history) are read
+        when the session is next used, long arrived by then. Returns the index of the first hop the plain
+        loop must still run (len(hops) when the push went through) and that hop's input."""
         began = time.perf_counter()
+        new = hidden.shape[1]
         streams = [hop.stream for hop in self._hops]
-        route = [stream.await_push() for stream in streams[1:]]  # before the push can reach them
-        first = streams[0].send_pushing(hidden, mask, positions, route)
-        step_ids = [first, *(entry.step_id for entry in route)]
-        for index, hop in enumerate(self._hops):
+        route = [stream.await_push() for stream in streams[1:]]  # told before the push can reach them
+        step_ids = [streams[0].send_pushing(hidden, mask, positions, route), *(e.step_id for e in route)]
+        pending = _PushedStep(list(self._hops), step_ids, hidden, began)
+        try:
+            out, timing, _ = streams[-1].receive_step(step_ids[-1], new, began)
+        except ShardnetError as error:  # find which hop it stopped at, in order
+            logger.info("session=%s: pushed step got no reply from the last hop (%s)", self.short_id, error)
+            return self._walk_replies(pending, timings)
+        pending.timings.append(timing)
+        timings.extend(pending.timings)
+        self._uncollected = pending
+        return len(self._hops), out
+
+    def _walk_replies(self, pending: _PushedStep, timings: list[HopTiming]) -> tuple[int, torch.Tensor]:
+        hidden, new = pending.hidden, pending.hidden.shape[1]
+        for index, hop in enumerate(pending.hops):
             try:
-                out, timing, push_error = hop.stream.receive_step(step_ids[index], hidden.shape[1], began)
+                out, timing, push_error = hop.stream.receive_step(pending.step_ids[index], new, pending.began)
             except ShardnetError as error:
                 logger.info(
                     "session=%s: pushed step got no reply from %s (%s)", self.short_id, hop.hop, error
@@ -188,10 +222,36 @@ class InferenceSession:
             hop.inputs.append(hidden)
             timings.append(timing)
             hidden = out
-            if push_error and index + 1 < len(self._hops):
+            if push_error and index + 1 < len(pending.hops):
                 logger.info("session=%s: %s", self.short_id, push_error)
                 return index + 1, hidden
-        return len(self._hops), hidden
+        return len(pending.hops), hidden
+
+    def _collect(self) -> None:
+        """Read the replies of the last pushed step's hops before the last one, into the replay history.
+        A hop whose reply never comes is replaced (its replay includes that step) and the next hops'
+        inputs come from the replacement's output, which equals the one the push carried."""
+        pending, self._uncollected = self._uncollected, None
+        if pending is None:
+            return
+        hidden, new = pending.hidden, pending.hidden.shape[1]
+        for index, hop in enumerate(pending.hops[:-1]):
+            try:
+                out, timing, _ = hop.stream.receive_step(pending.step_ids[index], new, pending.began)
+            except ShardnetError as error:
+                self._count_failure(hop.hop, error)
+                replay = _Replay(
+                    hop.inputs.with_tail(hidden),
+                    self._mask.view() if self._masked else None,
+                    self._positions.view(),
+                )
+                self._replace(self._hops.index(hop), replay)
+                hidden = replay.output[:, -new:]
+                continue
+            pending.timings[index].__dict__.update(vars(timing))  # last_timings already holds these objects
+            hop.inputs.append(hidden)
+            hidden = out
+        pending.hops[-1].inputs.append(hidden)
 
     # ---- what generation does between steps: beam reorders, rollbacks ----
 
@@ -200,6 +260,7 @@ class InferenceSession:
 
         Every server applies it with the session's next step; the replay history is reordered now, so a
         replacement server rebuilds the reordered cache."""
+        self._collect()
         rows = rows.to(HOST, torch.long)
         if list(rows.shape) != [self.batch_size] or int(rows.min()) < 0 or int(rows.max()) >= self.batch_size:
             raise GenerationError(
@@ -215,6 +276,7 @@ class InferenceSession:
         """Forget every position from ``keep`` on, in the servers' caches (with the next step) and here."""
         if not 0 <= keep <= self.position:
             raise GenerationError(f"cannot keep {keep} positions of a session holding {self.position}")
+        self._collect()
         for hop in self._hops:
             hop.stream.crop(keep)
             hop.inputs.truncate(keep)

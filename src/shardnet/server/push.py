@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -20,7 +21,7 @@ from shardnet.errors import InvalidRequestError
 from shardnet.wire import pb, pb_grpc
 
 logger = logging.getLogger(__name__)
-ALLOWED_MAX_AGE_S = 5.0  # an address not yet seen is looked up again at most this often
+ALLOWED_MAX_AGE_S = 1.0  # an address not yet seen is looked up again at most this often
 
 
 class PushSender:
@@ -38,17 +39,16 @@ class PushSender:
         self._stubs: dict[str, pb_grpc.ShardStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="push-abort")
 
     def check_allowed(self, address: str) -> None:
-        """Refuse an address no server of this model announced (looked up again when stale)."""
+        """Refuse an address no server of this model announced. A miss is looked up again (at most once a
+        second), so a server that just joined, e.g. a replacement, is pushed to at once."""
         with self._lock:
             if address in self._allowed:
                 return
-            if time.monotonic() - self._checked_at < ALLOWED_MAX_AGE_S:
-                fresh = None
-            else:
-                fresh = True
-        if fresh:
+            stale = time.monotonic() - self._checked_at >= ALLOWED_MAX_AGE_S
+        if stale:
             allowed = self._announced()
             with self._lock:
                 self._allowed, self._checked_at = allowed, time.monotonic()
@@ -65,34 +65,68 @@ class PushSender:
                 stub = self._stubs[address] = pb_grpc.ShardStub(channel)
             return stub
 
-    def push(self, step: pb.Step, output: pb.Tensor) -> str:
-        """Send ``output`` as the next hop's step; returns "" when it took it, else why not."""
-        hop, rest = step.push[0], step.push[1:]
-        pushed = pb.Step(
-            step_id=hop.step_id,
-            position=hop.position,
-            hidden_states=output,
-            push=rest,
-        )
+    def push(self, step: pb.Step, output: pb.Tensor) -> PendingPush:
+        """Start sending ``output`` as the next hop's step; the caller replies to its client, then calls
+        ``PendingPush.finish``. A refused address fails at once (``PendingPush.error``)."""
+        hop = step.push[0]
+        pushed = pb.Step(step_id=hop.step_id, position=hop.position, hidden_states=output, push=step.push[1:])
         for name in ("attention_mask", "position_ids"):
             if step.HasField(name):
                 getattr(pushed, name).CopyFrom(getattr(step, name))
         if hop.HasField("hypo_ids"):
             pushed.hypo_ids.CopyFrom(hop.hypo_ids)
+        pending = PendingPush(self, step)
         try:
             self.check_allowed(hop.address)
-            self._stub(hop.address).Push(
-                pb.PushRequest(push_token=hop.push_token, step=pushed), timeout=self.timeout_s
-            )
         except InvalidRequestError as exc:
-            return str(exc)
-        except grpc.RpcError as exc:
-            logger.info("push to %s failed: %s", hop.address, exc.code().name)
-            return f"push to {hop.address} failed: {exc.code().name} {exc.details() or ''}".strip()
-        return ""
+            pending.error = str(exc)
+            return pending
+        request = pb.PushRequest(push_token=hop.push_token, step=pushed)
+        pending.future = self._stub(hop.address).Push.future(request, timeout=self.timeout_s)
+        return pending
+
+    def abort(self, hop: pb.NextHop, error: str) -> None:
+        """Tell ``hop`` (the route's last server, which the client waits on) that its step will not come."""
+        request = pb.PushRequest(push_token=hop.push_token, step=pb.Step(step_id=hop.step_id), abort=error)
+        try:
+            self.check_allowed(hop.address)
+            self._stub(hop.address).Push(request, timeout=self.timeout_s)
+        except (InvalidRequestError, grpc.RpcError) as exc:
+            logger.info("could not tell %s that the route broke: %s", hop.address, exc)
 
     def close(self) -> None:
+        self.background.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             channels, self._channels, self._stubs = self._channels, [], {}
         for channel in channels:
             channel.close()
+
+
+class PendingPush:
+    """A push in flight. When it fails, the route's last server is told (``abort``), so the client, which
+    waits on that server's reply, learns at once and goes on from the broken hop itself."""
+
+    def __init__(self, sender: PushSender, step: pb.Step):
+        self._sender = sender
+        self._step = step
+        self.future = None
+        self.error = ""  # set at once when the next address is refused
+
+    def finish(self) -> None:
+        """Check the outcome without blocking the session's stream (a frozen next server answers nothing)."""
+        if self.future is not None:
+            self.future.add_done_callback(self._done)
+        elif self.error:
+            self._aborted()
+
+    def _done(self, future) -> None:
+        error = future.exception()
+        if error is not None:
+            code = error.code().name if isinstance(error, grpc.RpcError) else type(error).__name__
+            self.error = f"push to {self._step.push[0].address} failed: {code}"
+            logger.info("%s", self.error)
+            self._aborted()
+
+    def _aborted(self) -> None:
+        if len(self._step.push) > 1:  # on a thread of our own: never a blocking call in gRPC's callback
+            self._sender.background.submit(self._sender.abort, self._step.push[-1], self.error)

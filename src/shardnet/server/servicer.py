@@ -18,7 +18,7 @@ import grpc
 from shardnet.dht import ServerState
 from shardnet.errors import InvalidRequestError, ServerUnavailableError, SessionError, ShardnetError
 from shardnet.server.backend import SpanBackend, StepInput
-from shardnet.server.push import PushSender
+from shardnet.server.push import PendingPush, PushSender
 from shardnet.server.sessions import Session, SessionTable
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
@@ -138,8 +138,20 @@ class ShardServicer(pb_grpc.ShardServicer):
                 elif kind in ("step", "await_push"):
                     if session is None:
                         raise SessionError("step before OpenSession: open a session first on this stream")
-                    step = request.step if kind == "step" else self._pushed(session, request.await_push)
-                    yield self._step(session, step)
+                    if kind == "step":
+                        step = request.step
+                    else:
+                        pushed = self._pushed(session, request.await_push)
+                        if pushed.abort:  # the route broke before this server: nothing to compute
+                            yield pb.InferenceResponse(
+                                step=pb.StepResult(step_id=pushed.step.step_id, push_error=pushed.abort)
+                            )
+                            continue
+                        step = pushed.step
+                    reply, push = self._step(session, step)
+                    yield reply
+                    if push is not None:  # sent before the reply; its outcome is checked after
+                        push.finish()
                 else:
                     raise InvalidRequestError("empty InferenceRequest: set open or step")
         except grpc.RpcError:  # the client went away mid-stream: nothing to answer
@@ -165,7 +177,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             cancel=context.cancel,  # lets the idle reaper end this stream
         )
 
-    def _step(self, session: Session, request: pb.Step) -> pb.InferenceResponse:
+    def _step(self, session: Session, request: pb.Step) -> tuple[pb.InferenceResponse, PendingPush | None]:
         began = time.perf_counter()
         backend = self.runtime.backend
         if request.position > session.position:
@@ -195,34 +207,36 @@ class ShardServicer(pb_grpc.ShardServicer):
             compute_s=compute_s,
             position=session.position,
         )
-        if len(request.push):  # the next server's step is on the critical path: before replying here
+        push = None
+        if len(request.push):  # the next server's step is on the critical path: sent before replying here
             if self.runtime.push is None:
                 result.push_error = "this server does not push"
             else:
-                result.push_error = self.runtime.push.push(request, result.hidden_states)
+                push = self.runtime.push.push(request, result.hidden_states)
+                result.push_error = push.error
         result.handle_s = time.perf_counter() - began
-        return pb.InferenceResponse(step=result)
+        return pb.InferenceResponse(step=result), push
 
-    def _pushed(self, session: Session, wait: pb.AwaitPush) -> pb.Step:
+    def _pushed(self, session: Session, wait: pb.AwaitPush) -> pb.PushRequest:
         """The step ``wait.step_id`` pushed to this session (older, stale pushes are dropped)."""
         deadline = time.monotonic() + PUSH_WAIT_S
         while True:
             try:
-                step = session.inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
+                pushed = session.inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
                 raise SessionError(
                     f"step {wait.step_id} of session {session.short_id} was never pushed within {PUSH_WAIT_S:g}s"
                 ) from None
-            if step.step_id == wait.step_id:
-                return step
-            if step.step_id > wait.step_id:
-                raise SessionError(f"pushed step {step.step_id} while waiting for step {wait.step_id}")
+            if pushed.step.step_id == wait.step_id:
+                return pushed
+            if pushed.step.step_id > wait.step_id:
+                raise SessionError(f"pushed step {pushed.step.step_id} while waiting for step {wait.step_id}")
 
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushAck:
         try:
             self.runtime.ready_backend()
             session = self.runtime.sessions.pushed_to(request.push_token)
-            session.inbox.put(request.step)
+            session.inbox.put(request)
             return pb.PushAck()
         except Exception as error:  # every failure becomes a status; the server keeps serving
             self._abort(context, error)

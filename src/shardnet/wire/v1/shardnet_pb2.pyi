@@ -147,12 +147,14 @@ class NextHop(_message.Message):
     def __init__(self, address: _Optional[str] = ..., push_token: _Optional[bytes] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., hypo_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("push_token", "step")
+    __slots__ = ("push_token", "step", "abort")
     PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     push_token: bytes
     step: Step
-    def __init__(self, push_token: _Optional[bytes] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+    abort: str
+    def __init__(self, push_token: _Optional[bytes] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., abort: _Optional[str] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ()
