@@ -29,6 +29,7 @@ python benchmarks/quant.py --model smollm2 --modes none int8 nf4 --new-tokens 64
     --plot "$OUT/quant_smollm2.png" > "$OUT/quant_smollm2.jsonl"
 # Emulated WAN: every server behind a delaying proxy. The tiny model's compute is small, so the
 # network dominates, as for a real model over real links; 1 thread as for hops_tiny.
+python benchmarks/wan.py --model mid --servers 3 --rtt-ms 0 10 50 100 --new-tokens 16 --repeats 2 --plot "$OUT/wan_mid.png" > "$OUT/wan_mid.jsonl"
 python benchmarks/wan.py --model tiny --servers 3 6 --rtt-ms 0 10 50 100 --new-tokens 32 --repeats 3 \
     --assisted --client-threads 1 --server-threads 1 --plot "$OUT/wan_tiny.png" > "$OUT/wan_tiny.jsonl"
 python benchmarks/summary.py "$OUT"/hops_smollm2.jsonl "$OUT"/hops_mid.jsonl "$OUT"/hops_tiny.jsonl \
