@@ -148,7 +148,11 @@ class ShardServicer(pb_grpc.ShardServicer):
                             )
                             continue
                         step = pushed.step
-                    reply, push = self._step(session, step)
+                    try:
+                        reply, push = self._step(session, step)
+                    except Exception as error:
+                        self._abort_route(step, error)
+                        raise
                     yield reply
                     if push is not None:  # sent before the reply; its outcome is checked after
                         push.finish()
@@ -216,6 +220,13 @@ class ShardServicer(pb_grpc.ShardServicer):
                 result.push_error = push.error
         result.handle_s = time.perf_counter() - began
         return pb.InferenceResponse(step=result), push
+
+    def _abort_route(self, step: pb.Step, error: Exception) -> None:
+        """A step refused here that should have been pushed on: the route's last server, which the client
+        waits on, is told at once (in the background) instead of letting the client wait for its timeout."""
+        if len(step.push) and self.runtime.push is not None:
+            message = f"the server before failed the step: {error}"
+            self.runtime.push.background.submit(self.runtime.push.abort, step.push[-1], message)
 
     def _pushed(self, session: Session, wait: pb.AwaitPush) -> pb.PushRequest:
         """The step ``wait.step_id`` pushed to this session (older, stale pushes are dropped)."""
