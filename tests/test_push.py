@@ -27,8 +27,20 @@ def local(llama_untied):
     return reference(llama_untied)
 
 
+@pytest.fixture(scope="module")
+def shared(llama_untied, tmp_path_factory):
+    """A 3-server swarm for the tests that leave every server running."""
+    local_swarm = LocalSwarm(
+        llama_untied, [(0, 2), (2, 4), (4, 6)], log_dir=tmp_path_factory.mktemp("push_logs"), torch_threads=1
+    )
+    local_swarm.start(timeout_s=180)
+    yield local_swarm
+    local_swarm.stop()
+
+
 @pytest.fixture
 def swarm(llama_untied, tmp_path):
+    """A 3-server swarm of its own, for a test that kills a server."""
     local_swarm = LocalSwarm(llama_untied, [(0, 2), (2, 4), (4, 6)], log_dir=tmp_path, torch_threads=1)
     local_swarm.start(timeout_s=180)
     yield local_swarm
@@ -44,7 +56,8 @@ def _prompt(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("push", [True, False], ids=["push", "chained"])
-def test_greedy_batch2_left_padded_and_beams_match_local(swarm, local, push):
+def test_greedy_batch2_left_padded_and_beams_match_local(shared, local, push):
+    swarm = shared
     ids, mask = _prompt(2)
     with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, push=push) as model:
         with model.inference_session(max_length=64) as session:
@@ -85,7 +98,8 @@ def test_kill_9_of_the_middle_server_with_push_stays_exact(swarm, local):
     assert got.tolist() == want.tolist()
 
 
-def test_a_server_pushes_only_to_announced_servers(swarm):
+def test_a_server_pushes_only_to_announced_servers(shared):
+    swarm = shared
     """A request naming an arbitrary next address gets push_error; the step itself is answered."""
     address = f"127.0.0.1:{swarm.online_ports().pop()}"
     with grpc.insecure_channel(address) as channel:
@@ -110,7 +124,8 @@ def test_a_server_pushes_only_to_announced_servers(swarm):
     assert "no server of this model announced" in stepped.step.push_error
 
 
-def test_a_push_with_a_wrong_token_is_refused(swarm):
+def test_a_push_with_a_wrong_token_is_refused(shared):
+    swarm = shared
     address = f"127.0.0.1:{swarm.online_ports().pop()}"
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as info:
