@@ -94,6 +94,19 @@ def reference(path: Path) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def noisy_draft(path: Path, noise: float = 0.005, seed: int = 11) -> LlamaForCausalLM:
+    """The model at ``path`` with a little noise on its blocks' matrices: an assistant for assisted
+    decoding that agrees with the target on most tokens, not all, so drafts are both accepted and
+    rolled back."""
+    model = reference(path)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if ".layers." in name and weight.dim() == 2:
+                weight.add_(torch.randn(weight.shape, generator=generator) * noise)
+    return model
+
+
 SWARM_LAYOUTS = {
     "one_server": ("llama_untied", [(0, 6)]),
     "two_servers": ("llama_untied", [(0, 3), (3, 6)]),

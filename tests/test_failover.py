@@ -21,7 +21,7 @@ from shardnet.errors import InvalidRequestError, RouteNotFoundError
 from shardnet.launch import LocalSwarm
 from shardnet.wire import pb, pb_grpc
 
-from .conftest import OnToken, reference, serving_process, shardnet_status, wait_gone
+from .conftest import OnToken, noisy_draft, reference, serving_process, shardnet_status, wait_gone
 
 NEW_TOKENS = 20
 KILL_AFTER = 5
@@ -168,12 +168,7 @@ def test_failover_during_beam_search_replays_the_reordered_beams(swarm, local):
 
 def test_failover_during_assisted_decoding_replays_after_rollbacks(swarm, local):
     """Rejected draft tokens were rolled back on the servers; the replacement's replay must not hold them."""
-    draft = reference(swarm.model_path)
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, weight in draft.named_parameters():
-            if ".layers." in name and weight.dim() == 2:
-                weight.add_(torch.randn(weight.shape, generator=generator) * 0.005)
+    draft = noisy_draft(swarm.model_path)
     ids, _ = _prompt(1, seed=9)
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     victim = swarm.servers[1]

@@ -24,7 +24,7 @@ from shardnet import ShardedModel
 from shardnet.client.remote_cache import RemoteCache
 from shardnet.launch import LocalSwarm
 
-from .conftest import make_llama, reference
+from .conftest import make_llama, noisy_draft, reference
 
 NEW = 12
 
@@ -45,13 +45,7 @@ def tiny_path(tmp_path_factory, tokenizer):
 def draft(tiny_path):
     """The target with noise on its blocks: it agrees with the target on some tokens, not all, so
     assisted decoding both accepts draft tokens and rolls rejected ones back on the servers."""
-    model = reference(tiny_path)
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if ".layers." in name and weight.dim() == 2:
-                weight.add_(torch.randn(weight.shape, generator=generator) * 0.005)
-    return model
+    return noisy_draft(tiny_path)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -138,6 +139,26 @@ async def _first_event(job: GenerationJob) -> tuple[AsyncIterator, object | None
     return events, first
 
 
+@dataclass
+class _Answers:
+    """A non-streaming job's result: each choice's text and finish reason, and every Finish event."""
+
+    texts: list[str]
+    reasons: list[str]
+    finishes: list[Finish]
+
+
+async def _answers(job: GenerationJob, request: Request, choices: int) -> _Answers:
+    events = await _all_events(job, request)
+    texts = ["" for _ in range(choices)]
+    for event in events:
+        if isinstance(event, Delta):
+            texts[event.index] += event.text
+    finishes = [e for e in events if isinstance(e, Finish)]
+    reasons = {f.index: f.reason for f in finishes}
+    return _Answers(texts, [reasons.get(i, "length") for i in range(choices)], finishes)
+
+
 async def _all_events(job: GenerationJob, request: Request) -> list:
     """Every event of a non-streaming job; stops the job if the client disconnects meanwhile."""
 
@@ -228,24 +249,16 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         job = GenerationJob(model, tokenizer, plan, gateway.gate, gateway.activity)
         rid, created = new_id("chatcmpl"), now_s()
         if not body.stream:
-            events = await _all_events(job, request)
-            texts = ["" for _ in range(body.n)]
-            finishes = [e for e in events if isinstance(e, Finish)]
-            for event in events:
-                if isinstance(event, Delta):
-                    texts[event.index] += event.text
-            reasons = {f.index: f.reason for f in finishes}
+            answers = await _answers(job, request, body.n)
             return ChatCompletion(
                 id=rid,
                 created=created,
                 model=model_name,
                 choices=[
-                    ChatChoice(
-                        index=i, message=AssistantMessage(content=t), finish_reason=reasons.get(i, "length")
-                    )
-                    for i, t in enumerate(texts)
+                    ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
+                    for i, (text, reason) in enumerate(zip(answers.texts, answers.reasons, strict=True))
                 ],
-                usage=_usage(len(prompt), finishes),
+                usage=_usage(len(prompt), answers.finishes),
             )
 
         events, first = await _first_event(job)
@@ -286,22 +299,16 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         prompt_tokens = sum(len(p) for p in prompts)  # counted once per prompt, whatever n
         total = len(prompts) * body.n
         if not body.stream:
-            events = await _all_events(job, request)
-            texts = ["" for _ in range(total)]
-            finishes = [e for e in events if isinstance(e, Finish)]
-            for event in events:
-                if isinstance(event, Delta):
-                    texts[event.index] += event.text
-            reasons = {f.index: f.reason for f in finishes}
+            answers = await _answers(job, request, total)
             return Completion(
                 id=rid,
                 created=created,
                 model=model_name,
                 choices=[
-                    CompletionChoice(index=i, text=t, finish_reason=reasons.get(i, "length"))
-                    for i, t in enumerate(texts)
+                    CompletionChoice(index=i, text=text, finish_reason=reason)
+                    for i, (text, reason) in enumerate(zip(answers.texts, answers.reasons, strict=True))
                 ],
-                usage=_usage(prompt_tokens, finishes),
+                usage=_usage(prompt_tokens, answers.finishes),
             )
 
         events, first = await _first_event(job)
