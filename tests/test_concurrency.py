@@ -156,3 +156,31 @@ def test_allowed_and_blocked_servers_steer_routes(replicas):
     ) as model:
         with pytest.raises(RouteNotFoundError, match=r"3:6.*not in allowed_servers"):
             model.generate(ids, max_new_tokens=2)
+
+
+def test_eight_sessions_on_one_server_batch_and_each_equals_its_solo_run(llama_untied, local, tmp_path):
+    """Eight clients with prompts of 3..17 tokens on one server: their decode steps share forward passes
+    (the server counts them), and every output equals the same prompt generated alone."""
+    swarm = LocalSwarm(llama_untied, [(0, 6)], log_dir=tmp_path, torch_threads=1)
+    swarm.start(timeout_s=180)
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 256, (1, 3 + 2 * index), generator=generator) for index in range(8)]
+    try:
+        with ShardedModel.from_pretrained(llama_untied, swarm.initial_peers) as model:
+            barrier = threading.Barrier(8)
+
+            def generate(ids):
+                barrier.wait(timeout=60)  # all eight start together
+                return model.generate(ids, max_new_tokens=3 * NEW_TOKENS, do_sample=False)
+
+            with ThreadPoolExecutor(8) as pool:
+                outputs = list(pool.map(generate, prompts))
+            [hop] = model.route()
+            info = _info(hop.server.address)
+    finally:
+        swarm.stop()
+    for prompt, got in zip(prompts, outputs, strict=True):
+        want = local.generate(prompt, max_new_tokens=3 * NEW_TOKENS, do_sample=False)
+        assert got.tolist() == want.tolist()
+    assert info.decode_batches > 0 and info.decode_steps_batched >= 2 * info.decode_batches
+    print(f"{info.decode_steps_batched} of {8 * (3 * NEW_TOKENS - 1)} decode steps ran batched")

@@ -65,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         session_idle_timeout_s=args.session_idle_timeout,
         max_chunk_tokens=args.max_chunk_tokens,
+        batching=args.batching,
     )
     from shardnet.server.app import run_server  # after the flags are checked: a bad one fails at once
 

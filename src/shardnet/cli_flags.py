@@ -155,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="largest compute chunk of a step, batch x positions: a long prefill runs in chunks and "
-        "other sessions' steps run in between (default 1024)",
+        "other sessions' steps run in between; also the most rows of decode steps batched together "
+        "(default 1024)",
+    )
+    serve.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_false",
+        help="run concurrent sessions' decode steps one after another instead of as one forward pass "
+        "(for comparison; batching gives the same outputs)",
     )
 
     status = sub.add_parser("status", help="show which servers hold which blocks, their state and load")

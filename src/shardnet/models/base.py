@@ -49,6 +49,16 @@ class SpanModule(nn.Module, ABC):
     def reorder_cache(self, cache: object, start: int, end: int, rows: torch.Tensor) -> None:
         """Row i of blocks ``start:end`` in ``cache`` becomes old row ``rows[i]`` ([batch] int64)."""
 
+    def stack_caches(
+        self, caches: list[object], batch_sizes: list[int], start: int, end: int, frame: int
+    ) -> object | None:
+        """One cache standing for several sessions' caches of blocks ``start:end`` (``batch_sizes[i]`` rows
+        each), for one forward pass over their rows stacked in order. ``frame``: the most positions
+        any of them holds; each session's positions are right-aligned in it (the caller's padding mask
+        hides the rest). Running it appends every session's new position to its own cache. None: this
+        span cannot batch sessions, and they run one by one."""
+        return None
+
 
 class ClientHead(nn.Module, ABC):
     """The small parts a client keeps: token embeddings, final norm and LM head, on one device."""

@@ -18,13 +18,14 @@ import re
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from shardnet.errors import ModelLoadError
 from shardnet.models.base import CPU, ClientHead, ModelAdapter, SpanInputs, SpanModule, register
 from shardnet.models.checkpoint import Checkpoint
 from shardnet.models.families import FAMILIES, Family
+from shardnet.models.stacked_cache import stacked_cache
 from shardnet.models.transformers_loading import load_parts, skeleton, still_on_meta
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class DecoderSpan(SpanModule):
     def reorder_cache(self, cache: DynamicCache, start: int, end: int, rows: torch.Tensor) -> None:
         for layer in cache.layers[start:end]:
             layer.reorder_cache(rows)
+
+    def stack_caches(
+        self, caches: list[DynamicCache], batch_sizes: list[int], start: int, end: int, frame: int
+    ) -> Cache:
+        return stacked_cache(caches, batch_sizes, start, end, frame)
 
     @torch.inference_mode()
     def run(

@@ -176,7 +176,9 @@ class Server:
             max_length=self.max_length,
             max_position=self.max_position,
         )
-        return SpanBackend(span, self.dtype, limits, self.config.max_chunk_tokens, self.device)
+        return SpanBackend(
+            span, self.dtype, limits, self.config.max_chunk_tokens, self.device, batching=self.config.batching
+        )
 
     def _start_grpc(self) -> grpc.Server:
         cfg = self.config

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from shardnet.devices import HOST
 from shardnet.errors import InvalidRequestError, ModelMismatchError
 from shardnet.models import SpanInputs, SpanModule
-from shardnet.server.fair_lock import FairLock
+from shardnet.server.compute_queue import ComputeQueue
 from shardnet.server.sessions import Session
 from shardnet.server.throughput import ThroughputMeter
 
@@ -41,8 +42,9 @@ class StepInput:
 
 class SpanBackend:
     """Runs a span for every session. Compute is serial (one span uses all its torch threads), taken
-    per chunk of at most ``max_chunk_tokens`` (batch x positions) under a FIFO lock, so a long prefill
-    lets other sessions' decode steps in between its chunks."""
+    per chunk of at most ``max_chunk_tokens`` (batch x positions) in arrival order, so a long prefill
+    lets other sessions' decode steps in between its chunks; decode steps that queued meanwhile run as
+    one forward pass (up to ``max_chunk_tokens`` rows)."""
 
     def __init__(
         self,
@@ -51,13 +53,15 @@ class SpanBackend:
         limits: SpanLimits,
         max_chunk_tokens: int = 1024,
         device: torch.device = HOST,
+        batching: bool = True,
     ):
         self.span = span
         self.dtype = dtype
         self.device = device  # where the span's weights and every session's KV cache live
         self.limits = limits
         self.max_chunk_tokens = max_chunk_tokens
-        self.compute_lock = FairLock()
+        self.batching = batching  # run concurrent sessions' decode steps as one forward pass
+        self.compute = ComputeQueue(max_batch_rows=max_chunk_tokens)
         self.throughput = ThroughputMeter(limits.end - limits.start)
 
     # ---- checks (cheap, before any work) ----
@@ -127,19 +131,16 @@ class SpanBackend:
             positions = torch.arange(length).unsqueeze(0).expand(batch, -1)  # [batch, seq]
         mask = None if step.attention_mask is None else step.attention_mask.to(torch.int64)
         if length <= self.chunk_positions(batch):
-            with self.compute_lock:
-                return self._run(step.hidden_states, SpanInputs(mask, positions), None, start, end)
+            return self.compute.run(
+                partial(self._run, step.hidden_states, SpanInputs(mask, positions), None, start, end)
+            )
         cache = self.span.new_cache()
         outs, compute_s = [], 0.0
         for first, last in self._chunks(batch, length):
-            with self.compute_lock:
-                out, chunk_s = self._run(
-                    step.hidden_states[:, first:last],
-                    SpanInputs(None if mask is None else mask[:, :last], positions[:, first:last]),
-                    cache,
-                    start,
-                    end,
-                )
+            inputs = SpanInputs(None if mask is None else mask[:, :last], positions[:, first:last])
+            out, chunk_s = self.compute.run(
+                partial(self._run, step.hidden_states[:, first:last], inputs, cache, start, end)
+            )
             outs.append(out)
             compute_s += chunk_s
         return torch.cat(outs, dim=1), compute_s  # [batch, seq, hidden]
@@ -161,41 +162,94 @@ class SpanBackend:
                 session.attention_mask = session.attention_mask[rows]
 
     def step(self, session: Session, step: StepInput) -> tuple[torch.Tensor, float]:
-        """Run one step of a session, extending its KV cache and padding mask chunk by chunk."""
+        """Run one step of a session, extending its KV cache and padding mask chunk by chunk. A decode
+        step (one new position) may share its forward pass with other sessions' decode steps."""
+        batch, new = step.hidden_states.shape[:2]
+        if new == 1 and self.batching:
+            key = (session.start, session.end, step.hidden_states.dtype)
+            return self.compute.run_batched(key, (session, step), batch, self._decode_together)
+        past = session.position
+        positions, mask = self._session_inputs(session, step)
+        outs, compute_s = [], 0.0
+        for first, last in self._chunks(batch, new):
+            inputs = SpanInputs(None if mask is None else mask[:, : past + last], positions[:, first:last])
+            out, chunk_s = self.compute.run(
+                partial(
+                    self._run,
+                    step.hidden_states[:, first:last],
+                    inputs,
+                    session.cache,
+                    session.start,
+                    session.end,
+                )
+            )
+            self._advance(session, past + last, mask, chunk_s)
+            outs.append(out)
+            compute_s += chunk_s
+        session.steps += 1
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), compute_s  # [batch, new, hidden]
+
+    def _decode_together(self, items: list[tuple[Session, StepInput]]) -> list[tuple[torch.Tensor, float]]:
+        """One decode step of each session (same span), as one forward pass over all their rows."""
+        sessions = [session for session, _ in items]
+        start, end = sessions[0].start, sessions[0].end
+        own = [self._session_inputs(session, step) for session, step in items]
+        cache = None
+        if len(items) > 1:
+            frame = max(session.position for session in sessions)
+            sizes = [session.batch_size for session in sessions]
+            cache = self.span.stack_caches([session.cache for session in sessions], sizes, start, end, frame)
+        if cache is None:  # alone, or a span that cannot batch: one by one
+            results = []
+            for (session, step), (positions, mask) in zip(items, own, strict=True):
+                out, compute_s = self._run(
+                    step.hidden_states, SpanInputs(mask, positions), session.cache, start, end
+                )
+                self._advance(session, session.position + 1, mask, compute_s)
+                session.steps += 1
+                results.append((out, compute_s))
+            return results
+        masks = []  # each session's padding mask, left-padded with zeros to the frame: [rows, frame + 1]
+        for session, (_, mask) in zip(sessions, own, strict=True):
+            if mask is None:
+                mask = torch.ones(session.batch_size, session.position + 1, dtype=torch.int64)
+            masks.append(torch.nn.functional.pad(mask, (frame - session.position, 0)))
+        hidden = torch.cat([step.hidden_states for _, step in items])  # [rows, 1, hidden]
+        positions = torch.cat([positions for positions, _ in own])  # [rows, 1]
+        out, compute_s = self._run(hidden, SpanInputs(torch.cat(masks), positions), cache, start, end)
+        results, first = [], 0
+        for session, (_, mask) in zip(sessions, own, strict=True):
+            self._advance(session, session.position + 1, mask, compute_s)
+            session.steps += 1
+            results.append((out[first : first + session.batch_size], compute_s))
+            first += session.batch_size
+        return results
+
+    @staticmethod
+    def _session_inputs(session: Session, step: StepInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's positions [batch, new], and the padding mask of every position once it is done
+        ([batch, past + new] 0/1; None while the session never sent any padding)."""
         batch, new = step.hidden_states.shape[:2]
         past = session.position
         positions = step.position_ids
         if positions is None:
             positions = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)  # [batch, new]
-        mask = None  # [batch, past + new] 0/1, once any padding was sent in this session
-        if step.attention_mask is not None or session.attention_mask is not None:
-            old = session.attention_mask
-            if old is None:
-                old = torch.ones(batch, past, dtype=torch.int64)
-            new_mask = step.attention_mask
-            new_mask = (
-                torch.ones(batch, new, dtype=torch.int64) if new_mask is None else new_mask.to(torch.int64)
-            )
-            mask = torch.cat([old, new_mask], dim=1)
-        outs, compute_s = [], 0.0
-        for first, last in self._chunks(batch, new):
-            with self.compute_lock:
-                out, chunk_s = self._run(
-                    step.hidden_states[:, first:last],
-                    SpanInputs(None if mask is None else mask[:, : past + last], positions[:, first:last]),
-                    session.cache,
-                    session.start,
-                    session.end,
-                )
-            # The cache now holds past + last positions: keep the session's view of it the same.
-            session.position = past + last
-            if mask is not None:
-                session.attention_mask = mask[:, : past + last]
-            session.compute_s += chunk_s
-            outs.append(out)
-            compute_s += chunk_s
-        session.steps += 1
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), compute_s  # [batch, new, hidden]
+        if step.attention_mask is None and session.attention_mask is None:
+            return positions, None
+        old = session.attention_mask
+        if old is None:
+            old = torch.ones(batch, past, dtype=torch.int64)
+        added = step.attention_mask
+        added = torch.ones(batch, new, dtype=torch.int64) if added is None else added.to(torch.int64)
+        return positions, torch.cat([old, added], dim=1)
+
+    @staticmethod
+    def _advance(session: Session, position: int, mask: torch.Tensor | None, compute_s: float) -> None:
+        """The cache now holds ``position`` positions: keep the session's view of it the same."""
+        session.position = position
+        if mask is not None:
+            session.attention_mask = mask[:, :position]
+        session.compute_s += compute_s
 
     def chunk_positions(self, batch: int) -> int:
         """Positions per compute chunk for this batch size (at least one)."""

@@ -50,6 +50,7 @@ class ServerConfig:
     torch_threads: int | None = None  # torch intra-op threads; None = torch's default
     session_idle_timeout_s: float = 300.0  # a session with no step for this long is closed, its cache freed
     max_chunk_tokens: int = 1024  # largest compute chunk, batch x positions; other steps run between chunks
+    batching: bool = True  # concurrent sessions' decode steps share one forward pass (max_chunk_tokens rows)
     # gRPC keepalive, so a half-open connection (client machine gone without a FIN) ends its sessions: the
     # server pings each connection with open streams every keepalive_time_s, also when no data flows, and
     # drops it when an answer takes longer than keepalive_timeout_s. With 60 s + 20 s, a vanished client's

@@ -99,6 +99,8 @@ class ShardServicer(pb_grpc.ShardServicer):
             reply.max_batch_size = limits.max_batch_size
             reply.max_length = limits.max_length
             reply.hidden_size = limits.hidden_size
+            reply.decode_batches = backend.compute.batches_run
+            reply.decode_steps_batched = backend.compute.steps_batched
         return reply
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:

@@ -29,7 +29,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "span", "protocol_version", "shardnet_version", "dtype", "max_message_bytes", "max_batch_size", "max_length", "cache_tokens_total", "cache_tokens_free", "open_sessions", "hidden_size", "sessions_served", "state", "quant")
+    __slots__ = ("model_id", "span", "protocol_version", "shardnet_version", "dtype", "max_message_bytes", "max_batch_size", "max_length", "cache_tokens_total", "cache_tokens_free", "open_sessions", "hidden_size", "sessions_served", "state", "quant", "decode_batches", "decode_steps_batched")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,8 @@ class InfoResponse(_message.Message):
     SESSIONS_SERVED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_BATCHED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     span: Span
     protocol_version: str
@@ -60,7 +62,9 @@ class InfoResponse(_message.Message):
     sessions_served: int
     state: str
     quant: str
-    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., protocol_version: _Optional[str] = ..., shardnet_version: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., open_sessions: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sessions_served: _Optional[int] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ...) -> None: ...
+    decode_batches: int
+    decode_steps_batched: int
+    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., protocol_version: _Optional[str] = ..., shardnet_version: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., open_sessions: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sessions_served: _Optional[int] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ..., decode_batches: _Optional[int] = ..., decode_steps_batched: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model_id", "span", "hidden_states", "attention_mask", "position_ids")
