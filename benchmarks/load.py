@@ -1,16 +1,19 @@
 """Throughput under load: 1, 4, 16 clients generating at once on a 3-server swarm, and with 2 replicas per span.
 
     python benchmarks/load.py --model mid --clients 1 4 16 --plot load.png
+    python benchmarks/load.py --model mid --layouts plain --batching on off --clients 1 16
 
 Layouts: ``plain`` (--servers even spans, one server each) and ``replicas`` (the same spans, two servers
-each). The clients are threads of this process sharing one ``ShardedModel``, as a web server would,
+each); ``--batching off`` starts the servers with ``--no-batching`` (decode steps of concurrent sessions
+one after another) to compare. The clients are threads of this process sharing one ``ShardedModel``, as a web server would,
 each running a greedy ``generate`` of --new-tokens tokens (no EOS) from a prompt of its own. Every
 prompt is first run once alone (also the warm-up); every concurrent output must equal that solo
 output exactly.
 
 One JSON line per (layout, clients): total tokens/s (all clients' new tokens / wall time from the
 first start to the last finish), per-client tokens/s and time to first token, how the sessions spread
-over the servers, and the speed-up over one client.
+over the servers, how many decode steps ran batched with other sessions', and the speed-up over one
+client.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ def parse_args() -> argparse.Namespace:
     harness.add_common_args(parser)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument(
+        "--batching",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="servers batch concurrent decode steps (on) or not (off); each value is a run",
+    )
     parser.add_argument("--servers", type=int, default=3, help="spans the blocks are split into")
     parser.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens (seeded per client)")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -80,10 +90,10 @@ def online_servers(model: ShardedModel) -> dict[str, ServerView]:
     }
 
 
-def sessions_served(model: ShardedModel, labels: dict[str, str]) -> dict[str, int]:
-    """Each server's own count of sessions opened (its Info RPC; 0 where the server does not report it)."""
+def server_counts(model: ShardedModel, labels: dict[str, str]) -> dict[str, pb.InfoResponse]:
+    """Each server's own counters (its Info RPC: sessions opened, decode steps batched)."""
     return {
-        label: model.transport.stub(address).Info(pb.InfoRequest(), timeout=10).sessions_served
+        label: model.transport.stub(address).Info(pb.InfoRequest(), timeout=10)
         for address, label in labels.items()
     }
 
@@ -151,19 +161,24 @@ def load_fields(runs: list[ClientRun], solo: list[torch.Tensor]) -> dict:
 
 
 def session_spread(runs: list[ClientRun], labels: dict[str, str], before: dict, after: dict) -> dict:
-    """Sessions per server during this run: the servers' own counters if they report them, else our routes."""
-    served = {label: after[label] - before.get(label, 0) for label in after}
+    """Sessions per server during this run (the servers' own counters if they report them, else our
+    routes), and the decode steps each server ran batched with other sessions' in that time."""
+    served = {label: after[label].sessions_served - before[label].sessions_served for label in after}
+    batched = {
+        label: after[label].decode_steps_batched - before[label].decode_steps_batched for label in after
+    }
     if any(served.values()):
-        return {"sessions_per_server": served, "sessions_source": "info"}
+        return {"sessions_per_server": served, "sessions_source": "info", "decode_steps_batched": batched}
     counted = Counter(label for run in runs for label in run.route)
     return {
         "sessions_per_server": {label: counted.get(label, 0) for label in labels.values()},
         "sessions_source": "routes",
+        "decode_steps_batched": batched,
     }
 
 
 def bench_layout(
-    model_path: Path, layout: str, prompts: list[torch.Tensor], args: argparse.Namespace
+    model_path: Path, layout: str, batching: str, prompts: list[torch.Tensor], args: argparse.Namespace
 ) -> list[dict]:
     blocks = harness.num_blocks(model_path)
     spans = even_spans(blocks, args.servers) * LAYOUTS[layout]
@@ -171,8 +186,9 @@ def bench_layout(
         model_path,
         spans,
         dtype=args.dtype,
-        log_dir=harness.swarm_log_dir(args.log_dir, layout),
+        log_dir=harness.swarm_log_dir(args.log_dir, f"{layout}-batching-{batching}"),
         torch_threads=args.server_threads,
+        extra_args=[] if batching == "on" else ["--no-batching"],
     )
     results = []
     try:
@@ -195,9 +211,9 @@ def bench_layout(
             logger.info("%s: %d solo runs done", layout, len(solo))
             first_total = None
             for clients in args.clients:
-                before = sessions_served(model, labels)
+                before = server_counts(model, labels)
                 runs = run_concurrently(model, prompts[:clients], args, labels)
-                spread = session_spread(runs, labels, before, sessions_served(model, labels))
+                spread = session_spread(runs, labels, before, server_counts(model, labels))
                 fields = load_fields(runs, solo[:clients])
                 if clients == 1:
                     first_total = fields["total_tokens_per_s"]
@@ -206,6 +222,7 @@ def bench_layout(
                     model=args.model,
                     dtype=args.dtype,
                     layout=layout,
+                    batching=batching,
                     servers=len(spans),
                     spans=harness.span_names(spans),
                     replicas=LAYOUTS[layout],
@@ -231,12 +248,11 @@ def bench_layout(
 
 def plot(results: list[dict], path: Path) -> None:
     fig, (total, ttft) = harness.new_figure(2)
-    for index, layout in enumerate(LAYOUTS):
-        rows = [r for r in results if r["layout"] == layout]
-        if not rows:
-            continue
+    runs = sorted({(r["layout"], r["batching"]) for r in results})
+    for index, (layout, batching) in enumerate(runs):
+        rows = [r for r in results if (r["layout"], r["batching"]) == (layout, batching)]
         clients, color = [r["clients"] for r in rows], f"C{index}"
-        label = f"{layout} ({rows[0]['servers']} servers)"
+        label = f"{layout} ({rows[0]['servers']} servers), batching {batching}"
         total.plot(clients, [r["total_tokens_per_s"] for r in rows], "o-", color=color, label=label)
         ttft.plot(clients, [r["ttft_ms_p50"] for r in rows], "o-", color=color, label=f"{label} p50")
         ttft.plot(clients, [r["ttft_ms_p95"] for r in rows], "x--", color=color, label=f"{label} p95")
@@ -272,7 +288,8 @@ def main() -> None:
     results = []
     with harness.time_limit(args.time_limit_s):
         for layout in args.layouts:
-            results += bench_layout(model_path, layout, prompts, args)
+            for batching in args.batching:
+                results += bench_layout(model_path, layout, batching, prompts, args)
     if args.plot and results:
         plot(results, args.plot)
 
