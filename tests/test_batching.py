@@ -4,7 +4,8 @@ The backend tests run in-process on every supported architecture (sliding window
 positions): eight sessions with prompts of different lengths, one of them batch 2 with left padding,
 one rolled back and one reordered between steps, decode together; each step's output must equal the
 same session's step run alone. The compute is held while the eight queue, so the batch always forms.
-The ComputeQueue tests check the order compute is granted in and what may share a batch.
+The ComputeQueue tests check the order compute is served in, what may share a batch, and that all of it
+runs on the queue's one thread.
 """
 
 from __future__ import annotations
@@ -98,10 +99,7 @@ def test_batched_decode_steps_equal_each_session_alone(name, tmp_path):
         backend.step(sessions[-1], steps[0])
     together: list[list[torch.Tensor]] = [[] for _ in inputs]
     for decode in range(DECODE_STEPS):
-        release = threading.Event()
-        holder = threading.Thread(target=backend.compute.run, args=(release.wait,))
-        holder.start()
-        _wait_until(lambda: backend.compute._held)
+        release, holder = _holding(backend.compute)
 
         def run(index: int, decode: int = decode) -> None:
             step = inputs[index][1 + decode]
@@ -137,22 +135,30 @@ def _queue_up(queue: ComputeQueue, count: int, call) -> list[threading.Thread]:
 
 
 def _holding(queue: ComputeQueue) -> tuple[threading.Event, threading.Thread]:
-    release = threading.Event()
-    holder = threading.Thread(target=queue.run, args=(release.wait,))
+    """Keep the compute thread busy until the event is set; the queue fills meanwhile."""
+    release, started = threading.Event(), threading.Event()
+    holder = threading.Thread(target=queue.run, args=(lambda: (started.set(), release.wait(60)),))
     holder.start()
-    _wait_until(lambda: queue._held)
+    started.wait(30)
     return release, holder
 
 
-def test_compute_is_granted_in_arrival_order():
-    queue, order = ComputeQueue(max_batch_rows=8), []
+def test_compute_is_served_in_arrival_order_on_one_thread():
+    queue, order, threads_used = ComputeQueue(max_batch_rows=8), [], set()
+
+    def work(index: int) -> None:
+        order.append(index)
+        threads_used.add(threading.current_thread().name)
+
     release, holder = _holding(queue)
-    threads = _queue_up(queue, 5, lambda index: queue.run(lambda: order.append(index)))
+    threads = _queue_up(queue, 5, lambda index: queue.run(lambda: work(index)))
     release.set()
     for thread in [holder, *threads]:
         thread.join(timeout=30)
     assert order == [0, 1, 2, 3, 4]
     assert queue.waiting == 0
+    assert threads_used == {"compute"}
+    assert queue.run(lambda: queue.run(lambda: "nested")) == "nested"  # from the compute thread: inline
 
 
 def test_a_holder_that_asks_again_queues_behind_the_waiter():
@@ -209,8 +215,3 @@ def test_an_error_in_a_batch_reaches_every_member_and_the_queue_goes_on():
         thread.join(timeout=30)
     assert errors == dict.fromkeys(range(3), "batch of 3")
     assert queue.run(lambda: "still serving") == "still serving"
-
-
-def test_release_of_compute_not_held_raises():
-    with pytest.raises(RuntimeError):
-        ComputeQueue(max_batch_rows=1)._release()

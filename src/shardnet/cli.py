@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from shardnet.cli_flags import build_parser, initial_peers
 from shardnet.errors import ShardnetError
+from shardnet.openmp import prefer_short_spin
 
 logger = logging.getLogger("shardnet.cli")
 
@@ -230,6 +231,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_short_spin()  # before anything loads torch (see shardnet/openmp.py)
     args = build_parser().parse_args(argv)
     _exit_with_parent()
     _configure_logging(args)

@@ -28,6 +28,7 @@ from shardnet.models.quantization import check_quant_supported, quantize_span
 from shardnet.server.announcer import Announcer, LoadTrigger
 from shardnet.server.backend import SpanBackend, SpanLimits
 from shardnet.server.block_choice import Peers
+from shardnet.server.compute_queue import ComputeQueue
 from shardnet.server.config import ServerConfig
 from shardnet.server.fit import GIB, SpanFootprint, check_fit
 from shardnet.server.placement import FirstLook, Placement
@@ -177,8 +178,19 @@ class Server:
             max_position=self.max_position,
         )
         return SpanBackend(
-            span, self.dtype, limits, self.config.max_chunk_tokens, self.device, batching=self.config.batching
+            span,
+            self.dtype,
+            limits,
+            self.config.max_chunk_tokens,
+            self.device,
+            batching=self.config.batching,
+            compute=self.compute,
         )
+
+    def _prepare_compute_thread(self) -> None:
+        make_current(self.device)  # the current GPU and torch's thread count are per thread
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
 
     def _start_grpc(self) -> grpc.Server:
         cfg = self.config
@@ -209,6 +221,8 @@ class Server:
         self.dht = await asyncio.to_thread(
             start_dht, cfg.initial_peers, cfg.dht_host, cfg.dht_port, False, self.model_id, self.num_blocks
         )
+        self.compute = ComputeQueue(max_batch_rows=cfg.max_chunk_tokens)  # a thread: after the fork
+        await asyncio.to_thread(self.compute.run, self._prepare_compute_thread)
         placement = first = None
         try:
             if self.span is None:
@@ -229,8 +243,9 @@ class Server:
             if placement is not None:
                 await self._settle(placement, first, announcer)
             began = time.perf_counter()
-            self.runtime.backend = await asyncio.to_thread(self._load_backend)
-            throughput = await asyncio.to_thread(self.runtime.backend.probe_throughput)
+            # On the compute thread, as every forward pass will be (see server/compute_queue.py).
+            self.runtime.backend = await asyncio.to_thread(self.compute.run, self._load_backend)
+            throughput = await asyncio.to_thread(self.compute.run, self.runtime.backend.probe_throughput)
             self.runtime.state = ServerState.ONLINE
             await announcer.announce_now()
             announcer.start()

@@ -54,6 +54,7 @@ class SpanBackend:
         max_chunk_tokens: int = 1024,
         device: torch.device = HOST,
         batching: bool = True,
+        compute: ComputeQueue | None = None,
     ):
         self.span = span
         self.dtype = dtype
@@ -61,7 +62,8 @@ class SpanBackend:
         self.limits = limits
         self.max_chunk_tokens = max_chunk_tokens
         self.batching = batching  # run concurrent sessions' decode steps as one forward pass
-        self.compute = ComputeQueue(max_batch_rows=max_chunk_tokens)
+        # The thread every forward pass runs on (the server's, which also loaded the weights), or a new one.
+        self.compute = compute or ComputeQueue(max_batch_rows=max_chunk_tokens)
         self.throughput = ThroughputMeter(limits.end - limits.start)
 
     # ---- checks (cheap, before any work) ----

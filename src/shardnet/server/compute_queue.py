@@ -1,16 +1,19 @@
-"""ComputeQueue: a server's compute, granted in arrival order, with alike decode steps run as one batch.
+"""ComputeQueue: a server's compute, on one thread, in arrival order, with alike decode steps batched.
 
-Compute is serial: one forward pass uses all of torch's threads. Callers queue for it in arrival order,
-and a release hands it straight to the longest waiter (Python's ``threading.Lock`` is not fair: a thread
-that releases it and at once asks again usually gets it back first, so a long prefill taken chunk by
-chunk would hold every other session's decode step for its whole duration; here a decode step waits for
-at most one chunk).
+Every forward pass of a server runs on the queue's own thread, never on the gRPC thread that asked for
+it. That is about speed, not only order: torch computes with OpenMP, and each thread that starts a
+parallel region gets a team of worker threads of its own. Once a process holds more such threads than
+it has cores, GNU OpenMP stops letting idle workers spin and puts them to sleep after every region, so
+each of the hundreds of regions of a decode step waits for a wake-up. Measured on 2 cores: a mid-size
+decode step took 36 ms on the loading thread and 52 ms on any later thread. So the weights are loaded,
+the throughput probed and every step computed here, on one thread with one team.
 
-Decode steps of different sessions can share one forward pass. A caller that gets the compute takes
-with it every waiting caller of the same batch key (same span, one new position each), up to a number
-of rows, and runs them all at once; those callers wake up with their results without ever holding the
-compute. Nobody waits to fill a batch: a batch is whatever queued while the compute was busy, so a lone
-session runs exactly as before.
+Callers queue in arrival order and the thread serves the oldest first, so a long prefill taken chunk by
+chunk lets the decode steps that arrived meanwhile in between its chunks (a decode step waits for at most
+one chunk). Decode steps of different sessions can share one forward pass: with the oldest waiting step,
+the thread takes every waiting step of the same batch key (same span, one new position each), up to a
+number of rows. Nobody waits to fill a batch: a batch is whatever queued while the compute was busy, so a
+lone session runs as before.
 """
 
 from __future__ import annotations
@@ -21,105 +24,99 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 
-class _Waiter:
-    """One caller in the queue. ``gate`` is locked until the caller may go on."""
+class _Job:
+    """One caller's request. ``done`` is locked until its result or error is set."""
 
-    __slots__ = ("gate", "key", "item", "rows", "served", "result", "error")
+    __slots__ = ("done", "key", "item", "rows", "run_many", "result", "error")
 
-    def __init__(self, key: Hashable | None, item: Any, rows: int):
-        self.gate = threading.Lock()
+    def __init__(self, key: Hashable | None, item: Any, rows: int, run_many: Callable[[list[Any]], Sequence]):
+        self.done = threading.Lock()
+        self.done.acquire()
         self.key = key  # None: never batched
         self.item = item
         self.rows = rows
-        self.served = False  # True: run in another caller's batch; result or error is set
+        self.run_many = run_many
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+def _run_alone(items: list[Callable[[], Any]]) -> list[Any]:
+    [work] = items
+    return [work()]
 
 
 class ComputeQueue:
     def __init__(self, max_batch_rows: int):
         self.max_batch_rows = max_batch_rows  # most rows (sessions' batch sizes summed) in one batch
-        self._mutex = threading.Lock()  # guards the fields below; held only for a few instructions
-        self._held = False
-        self._waiters: deque[_Waiter] = deque()  # oldest first
+        self._ready = threading.Condition(threading.Lock())  # guards _jobs and busy
+        self._jobs: deque[_Job] = deque()  # waiting, oldest first
+        self.busy = False  # the thread is running a job now
         self.batches_run = 0  # batches of two or more callers
         self.steps_batched = 0  # callers served in those batches
+        self._thread = threading.Thread(target=self._serve, name="compute", daemon=True)
+        self._thread.start()
 
     @property
     def waiting(self) -> int:
-        """Callers waiting for the compute now."""
-        with self._mutex:
-            return len(self._waiters)
+        """Callers waiting for the compute now (not counting the one being served)."""
+        with self._ready:
+            return len(self._jobs)
 
     def run(self, work: Callable[[], Any]) -> Any:
-        """``work()`` alone on the compute, after everything that asked before."""
-        self._acquire(_Waiter(None, None, 0))
-        try:
-            return work()
-        finally:
-            self._release()
+        """``work()`` on the compute thread, alone, after everything that asked before."""
+        return self._submit(_Job(None, work, 0, _run_alone))
 
     def run_batched(
         self, key: Hashable, item: Any, rows: int, run_many: Callable[[list[Any]], Sequence[Any]]
     ) -> Any:
-        """This caller's result of ``run_many([item, ...])``, run with the items of waiting callers of the
-        same ``key`` (as many as fit in ``max_batch_rows``), or in a batch another caller runs. An error
-        of the batch is every member's error."""
-        me = _Waiter(key, item, rows)
-        if not self._acquire(me):
-            if me.error is not None:
-                raise me.error
-            return me.result
-        batch = [me, *self._take_alike(me)]
-        try:
-            results = run_many([waiter.item for waiter in batch])
-            for waiter, result in zip(batch[1:], results[1:], strict=True):
-                waiter.result = result
-            return results[0]
-        except BaseException as error:
-            for waiter in batch[1:]:
-                waiter.error = error
-            raise
-        finally:
+        """This caller's result of ``run_many([..., item, ...])``, run on the compute thread with the items
+        of other waiting callers of the same ``key`` (as many as fit in ``max_batch_rows``). An error of
+        the batch is every member's error."""
+        return self._submit(_Job(key, item, rows, run_many))
+
+    def _submit(self, job: _Job) -> Any:
+        if threading.current_thread() is self._thread:  # already on the compute: run it here
+            return job.run_many([job.item])[0]
+        with self._ready:
+            self._jobs.append(job)
+            self._ready.notify()
+        job.done.acquire()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs:
+                    self.busy = False
+                    self._ready.wait()
+                self.busy = True
+                batch = self._take_batch()
+            try:
+                results = batch[0].run_many([job.item for job in batch])
+                for job, result in zip(batch, results, strict=True):
+                    job.result = result
+            except BaseException as error:  # every member's; the thread goes on serving
+                for job in batch:
+                    job.error = error
             if len(batch) > 1:
                 self.batches_run += 1
                 self.steps_batched += len(batch)
-            for waiter in batch[1:]:
-                waiter.served = True
-                waiter.gate.release()
-            self._release()
+            for job in batch:
+                job.done.release()
 
-    def _acquire(self, me: _Waiter) -> bool:
-        """Wait for the compute. True: this caller holds it; False: it was served in another's batch."""
-        with self._mutex:
-            if not self._held:
-                self._held = True
-                return True
-            me.gate.acquire()
-            self._waiters.append(me)
-        me.gate.acquire()  # released by a release() handing the compute over, or by a batch that served us
-        return not me.served
-
-    def _release(self) -> None:
-        with self._mutex:
-            if not self._held:
-                raise RuntimeError("release of compute that is not held")
-            if self._waiters:
-                self._waiters.popleft().gate.release()  # still held: it passes to the oldest waiter
+    def _take_batch(self) -> list[_Job]:
+        """The oldest job, and the waiting jobs of its key, oldest first, while their rows fit."""
+        first = self._jobs.popleft()
+        if first.key is None:
+            return [first]
+        batch, rows, kept = [first], first.rows, deque()
+        for job in self._jobs:
+            if job.key == first.key and rows + job.rows <= self.max_batch_rows:
+                batch.append(job)
+                rows += job.rows
             else:
-                self._held = False
-
-    def _take_alike(self, me: _Waiter) -> list[_Waiter]:
-        """Waiting callers of ``me``'s key, oldest first, while their rows fit; they leave the queue."""
-        taken: list[_Waiter] = []
-        rows = me.rows
-        with self._mutex:
-            kept: deque[_Waiter] = deque()
-            for waiter in self._waiters:
-                if waiter.key == me.key and rows + waiter.rows <= self.max_batch_rows:
-                    taken.append(waiter)
-                    rows += waiter.rows
-                else:
-                    kept.append(waiter)
-            self._waiters = kept
-        return taken
+                kept.append(job)
+        self._jobs = kept
+        return batch

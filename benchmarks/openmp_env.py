@@ -1,0 +1,7 @@
+"""Imported by harness before torch: benchmark processes (local transformers and the swarm client) get
+the same short OpenMP spin as every ``shardnet`` process (see shardnet/openmp.py), so a client waiting
+for its servers does not spin on their cores, and local and swarm are measured under one setting."""
+
+from shardnet.openmp import prefer_short_spin
+
+prefer_short_spin()
