@@ -77,8 +77,7 @@ def _open(backend: SpanBackend, index: int, batch: int) -> Session:
 
 def _decode(backend: SpanBackend, session: Session, index: int, decode: int, step: StepInput) -> torch.Tensor:
     keep = session.position - 2 if index == ROLLED_BACK and decode == 1 else session.position
-    backend.rewind(session, keep, step.hypo_ids)
-    return backend.step(session, step)[0]
+    return backend.step(session, step, keep)[0]
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

@@ -8,6 +8,7 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 import torch
@@ -187,11 +188,6 @@ class Server:
             compute=self.compute,
         )
 
-    def _prepare_compute_thread(self) -> None:
-        make_current(self.device)  # the current GPU and torch's thread count are per thread
-        if self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
-
     def _start_grpc(self) -> grpc.Server:
         cfg = self.config
         # A worker thread per open stream (sessions) plus a few for Info/Forward; RPCs beyond that are
@@ -222,7 +218,8 @@ class Server:
             start_dht, cfg.initial_peers, cfg.dht_host, cfg.dht_port, False, self.model_id, self.num_blocks
         )
         self.compute = ComputeQueue(max_batch_rows=cfg.max_chunk_tokens)  # a thread: after the fork
-        await asyncio.to_thread(self.compute.run, self._prepare_compute_thread)
+        # The current GPU is per thread. (torch's thread count is not: run() set it for every thread.)
+        await asyncio.to_thread(self.compute.run, partial(make_current, self.device))
         placement = first = None
         try:
             if self.span is None:

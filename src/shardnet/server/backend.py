@@ -163,13 +163,19 @@ class SpanBackend:
             if session.attention_mask is not None:
                 session.attention_mask = session.attention_mask[rows]
 
-    def step(self, session: Session, step: StepInput) -> tuple[torch.Tensor, float]:
+    def step(self, session: Session, step: StepInput, keep: int | None = None) -> tuple[torch.Tensor, float]:
         """Run one step of a session, extending its KV cache and padding mask chunk by chunk. A decode
-        step (one new position) may share its forward pass with other sessions' decode steps."""
+        step (one new position) may share its forward pass with other sessions' decode steps.
+
+        ``keep``: first roll the cache back to that many positions (None: keep all), then reorder its
+        rows by ``step.hypo_ids`` (see ``rewind``); on the compute thread, like all work on the cache."""
+        keep = session.position if keep is None else keep
         batch, new = step.hidden_states.shape[:2]
         if new == 1 and self.batching:
             key = (session.start, session.end, step.hidden_states.dtype)
-            return self.compute.run_batched(key, (session, step), batch, self._decode_together)
+            return self.compute.run_batched(key, (session, step, keep), batch, self._decode_together)
+        if keep < session.position or step.hypo_ids is not None:
+            self.compute.run(partial(self.rewind, session, keep, step.hypo_ids))
         past = session.position
         positions, mask = self._session_inputs(session, step)
         outs, compute_s = [], 0.0
@@ -191,11 +197,15 @@ class SpanBackend:
         session.steps += 1
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), compute_s  # [batch, new, hidden]
 
-    def _decode_together(self, items: list[tuple[Session, StepInput]]) -> list[tuple[torch.Tensor, float]]:
+    def _decode_together(
+        self, items: list[tuple[Session, StepInput, int]]
+    ) -> list[tuple[torch.Tensor, float]]:
         """One decode step of each session (same span), as one forward pass over all their rows."""
-        sessions = [session for session, _ in items]
+        for session, step, keep in items:
+            self.rewind(session, keep, step.hypo_ids)
+        sessions = [session for session, _, _ in items]
         start, end = sessions[0].start, sessions[0].end
-        own = [self._session_inputs(session, step) for session, step in items]
+        own = [self._session_inputs(session, step) for session, step, _ in items]
         cache = None
         if len(items) > 1:
             frame = max(session.position for session in sessions)
@@ -203,7 +213,7 @@ class SpanBackend:
             cache = self.span.stack_caches([session.cache for session in sessions], sizes, start, end, frame)
         if cache is None:  # alone, or a span that cannot batch: one by one
             results = []
-            for (session, step), (positions, mask) in zip(items, own, strict=True):
+            for (session, step, _), (positions, mask) in zip(items, own, strict=True):
                 out, compute_s = self._run(
                     step.hidden_states, SpanInputs(mask, positions), session.cache, start, end
                 )
@@ -216,7 +226,7 @@ class SpanBackend:
             if mask is None:
                 mask = torch.ones(session.batch_size, session.position + 1, dtype=torch.int64)
             masks.append(torch.nn.functional.pad(mask, (frame - session.position, 0)))
-        hidden = torch.cat([step.hidden_states for _, step in items])  # [rows, 1, hidden]
+        hidden = torch.cat([step.hidden_states for _, step, _ in items])  # [rows, 1, hidden]
         positions = torch.cat([positions for positions, _ in own])  # [rows, 1]
         out, compute_s = self._run(hidden, SpanInputs(torch.cat(masks), positions), cache, start, end)
         results, first = [], 0

@@ -48,9 +48,8 @@ def _run_alone(items: list[Callable[[], Any]]) -> list[Any]:
 class ComputeQueue:
     def __init__(self, max_batch_rows: int):
         self.max_batch_rows = max_batch_rows  # most rows (sessions' batch sizes summed) in one batch
-        self._ready = threading.Condition(threading.Lock())  # guards _jobs and busy
+        self._ready = threading.Condition(threading.Lock())  # guards _jobs
         self._jobs: deque[_Job] = deque()  # waiting, oldest first
-        self.busy = False  # the thread is running a job now
         self.batches_run = 0  # batches of two or more callers
         self.steps_batched = 0  # callers served in those batches
         self._thread = threading.Thread(target=self._serve, name="compute", daemon=True)
@@ -89,9 +88,7 @@ class ComputeQueue:
         while True:
             with self._ready:
                 while not self._jobs:
-                    self.busy = False
                     self._ready.wait()
-                self.busy = True
                 batch = self._take_batch()
             try:
                 results = batch[0].run_many([job.item for job in batch])

@@ -200,8 +200,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         backend.check_step(step, session.batch_size, request.position, session.max_length)
         self.runtime.sessions.begin_step(session)
         try:
-            backend.rewind(session, request.position, step.hypo_ids)
-            out, compute_s = backend.step(session, step)
+            out, compute_s = backend.step(session, step, keep=request.position)
         finally:
             self.runtime.sessions.end_step(session)
         logger.debug(
