@@ -278,6 +278,14 @@ def rss_bytes(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+def tree_pss_bytes(pid: int) -> tuple[int, list[str]]:
+    """Proportional set size of a process and every process under it (shared pages split between the
+    processes sharing them, so the sum counts each page once), and those processes' names."""
+    root = psutil.Process(pid)
+    tree = [root, *root.children(recursive=True)]
+    return sum(process.memory_full_info().pss for process in tree), [process.name() for process in tree]
+
+
 def peak_rss_bytes(pid: int) -> int:
     """VmHWM: the highest resident set size the process ever had (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

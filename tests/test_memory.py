@@ -30,14 +30,18 @@ def llama_16(tmp_path_factory):
     )
 
 
-def _server_rss(model_path, span, logs) -> int:
+def _server_rss(model_path, span, logs) -> tuple[int, list[str]]:
+    """The server's RSS, and the names of the processes under it."""
     with LocalSwarm(model_path, [span], log_dir=logs, torch_threads=1) as swarm:
-        return psutil.Process(swarm.servers[0].pid).memory_info().rss
+        server = psutil.Process(swarm.servers[0].pid)
+        return server.memory_info().rss, [child.name() for child in server.children(recursive=True)]
 
 
 def test_rss_grows_with_span_not_model(llama_16, tmp_path):
-    small = _server_rss(llama_16, (0, 2), tmp_path)
-    full = _server_rss(llama_16, (0, BLOCKS), tmp_path)
+    small, children = _server_rss(llama_16, (0, 2), tmp_path)
+    full, _ = _server_rss(llama_16, (0, BLOCKS), tmp_path)
+    # Only the DHT node's process and its p2pd: no torch_shm_manager (shardnet/shm_sharing.py).
+    assert "torch_shm_manager" not in children and "p2pd" in children, children
     mib = 1 << 20
     logger.info(
         "RSS blocks 0:2 = %.0f MiB, blocks 0:16 = %.0f MiB; one block = %.1f MiB, embeddings+head = %.0f MiB",

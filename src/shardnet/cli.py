@@ -18,6 +18,7 @@ from typing import NoReturn
 from shardnet.cli_flags import build_parser, initial_peers
 from shardnet.errors import ShardnetError
 from shardnet.openmp import prefer_short_spin
+from shardnet.shm_sharing import prefer_fd_sharing
 
 logger = logging.getLogger("shardnet.cli")
 
@@ -182,7 +183,7 @@ def _exit_at_once(code: int) -> NoReturn:
     Finalizing an interpreter that imported torch, transformers and hivemind took 8-15 s on a busy
     2-core machine, during which a supervisor sees a server that logged "stopped" but has not exited.
     Nothing is left to release by then: the gRPC server is stopped, the DHT process joined, and the
-    kernel closes our sockets (torch_shm_manager then frees the shared memory it tracked).
+    kernel closes our sockets and the file descriptors of shared memory (shardnet/shm_sharing.py).
     """
     logging.shutdown()
     sys.stdout.flush()
@@ -232,10 +233,11 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     prefer_short_spin()  # before anything loads torch (see shardnet/openmp.py)
+    prefer_fd_sharing()  # before anything loads hivemind (see shardnet/shm_sharing.py)
     args = build_parser().parse_args(argv)
     _exit_with_parent()
     _configure_logging(args)
-    # transformers imports torchao (a dependency, for --quant int8) whenever it is installed, and torchao
+    # transformers imports torchao (the `quant` extra, for --quant int8) whenever it is installed, and torchao
     # warns at import about kernels a CPU-only torch cannot load: noise, kept off a command's stderr.
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

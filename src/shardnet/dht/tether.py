@@ -26,7 +26,7 @@ closes itself when its last persistent connection closes, so it exits about two 
 process dies, however that process died (SIGKILL included; tests/test_stopping.py checks it).
 
 What this cannot protect: a SIGTERM sent to *every* process (systemd's KillMode=control-group without
-an ExecStop) kills p2pd, and hivemind's torch_shm_manager, before the owner can announce. The owner
+an ExecStop) kills p2pd before the owner can announce. The owner
 then still drains and exits cleanly (announcements time out), and its record expires after its TTL;
 ``servers/shardnet.service`` signals the main process first so that announcements get through.
 """

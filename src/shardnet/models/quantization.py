@@ -154,7 +154,7 @@ def _library(mode: str) -> ModuleType:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(
             f"--quant {mode} needs {name}, which cannot be imported here ({reason}); "
-            f"install it with: pip install '{requirement}'"
+            f"install it with: pip install 'shardnet[quant]' (or '{requirement}')"
         ) from None
     finally:
         for logger_name, level in levels.items():
