@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from shardnet.client.model import ShardedModel
 from shardnet.errors import ConfigError, ModelLoadError
 from shardnet.models import load_config
+from shardnet.swarm_key import SwarmKey
 from shardnet.terminal import AnswerStreamer, record_sigint, restore_sigint, say, sigint_ignored
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class ChatConfig:
     top_p: float = 0.9  # nucleus sampling, when sampling
     max_length: int = 2048  # positions one conversation may hold on the servers, prompts and answers together
     dtype: str = "float32"  # dtype of the client's parts and of the servers used
+    swarm_key: SwarmKey | None = None  # the key of a private swarm (--swarm-key-file)
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -111,7 +113,10 @@ def run_chat(config: ChatConfig, read_line: Callable[[str], str] = input, out: T
         num_blocks = int(load_config(config.model_path).num_hidden_layers)  # ModelLoadError if not a model
         tokenizer = _load_tokenizer(config.model_path)
         model = ShardedModel.from_pretrained(
-            config.model_path, initial_peers=config.initial_peers, dtype=getattr(torch, config.dtype)
+            config.model_path,
+            initial_peers=config.initial_peers,
+            dtype=getattr(torch, config.dtype),
+            swarm_key=config.swarm_key,
         )
         route = model.route()  # no route: RouteNotFoundError now, not after the first message
         hops = ", ".join(f"{hop.start}:{hop.end} on {hop.server.short_id}" for hop in route)

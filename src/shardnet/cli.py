@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-from shardnet.cli_flags import build_parser, initial_peers
+from shardnet.cli_flags import build_parser, initial_peers, swarm_key
 from shardnet.errors import ShardnetError
 from shardnet.openmp import prefer_short_spin
 from shardnet.shm_sharing import prefer_fd_sharing
@@ -27,7 +27,7 @@ def cmd_dht(args: argparse.Namespace) -> int:
     from shardnet.dht import start_dht, visible_maddrs
 
     stop = _stop_on_signal()  # before the node starts, so a signal during start-up is not lost
-    dht = start_dht(initial_peers(args), host=args.host, port=args.port)
+    dht = start_dht(initial_peers(args), host=args.host, port=args.port, swarm_key=swarm_key(args))
     try:
         for maddr in visible_maddrs(dht):
             print(maddr, flush=True)
@@ -36,6 +36,15 @@ def cmd_dht(args: argparse.Namespace) -> int:
     finally:
         dht.shutdown()  # waits until the node's process (and its p2pd) has exited
     logger.info("DHT node stopped")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from shardnet.swarm_key import SwarmKey
+
+    SwarmKey.generate().write(args.file)
+    print(f"wrote a new swarm key to {args.file}; give it to the swarm's members over a private channel")
+    print(f"then start every node with --swarm-key-file {args.file}")
     return 0
 
 
@@ -68,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_idle_timeout_s=args.session_idle_timeout,
         max_chunk_tokens=args.max_chunk_tokens,
         batching=args.batching,
+        swarm_key=swarm_key(args),
     )
     from shardnet.server.app import run_server  # after the flags are checked: a bad one fails at once
 
@@ -88,7 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.model)
     model_id = validate_model_id(args.model_id or derive_model_id(config))
     num_blocks = adapter_for(config).num_blocks(config)
-    with SwarmView.connect(args.model, peers, model_id=model_id) as view:
+    with SwarmView.connect(args.model, peers, model_id=model_id, swarm_key=swarm_key(args)) as view:
         per_block = view.servers()
     architecture = str(config.model_type)
     if args.json:
@@ -110,7 +120,11 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     stop = _stop_on_signal()
     model, tokenizer, name = open_gateway(
-        args.model, peers, model_name=args.model_name, dtype=getattr(torch, args.dtype)
+        args.model,
+        peers,
+        model_name=args.model_name,
+        dtype=getattr(torch, args.dtype),
+        swarm_key=swarm_key(args),
     )
     try:
         with GatewayServer(create_app(model, tokenizer, name), host=args.host, port=args.port) as server:
@@ -158,6 +172,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         max_length=args.max_length,
         dtype=args.dtype,
+        swarm_key=swarm_key(args),
     )
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run_chat(config)
@@ -198,6 +213,7 @@ COMMANDS = {
     "api": cmd_api,
     "demo": cmd_demo,
     "chat": cmd_chat,
+    "keygen": cmd_keygen,
 }
 
 # Commands whose answer streams to the terminal: log lines there would land between its words.

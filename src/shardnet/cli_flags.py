@@ -56,6 +56,27 @@ def initial_peers(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(peers)
 
 
+def swarm_key(args: argparse.Namespace):
+    """The swarm key named by --swarm-key-file (or $SHARDNET_SWARM_KEY_FILE); None for a public swarm."""
+    path = args.swarm_key_file or os.environ.get("SHARDNET_SWARM_KEY_FILE")
+    if not path:
+        return None
+    from shardnet.swarm_key import SwarmKey
+
+    return SwarmKey.from_file(path)
+
+
+def _add_swarm_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--swarm-key-file",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="join a private swarm: FILE holds its key as hex (see `shardnet keygen`) and must be readable "
+        "by its owner only; default $SHARDNET_SWARM_KEY_FILE, none = a public swarm",
+    )
+
+
 def _add_peers(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument(
         "--initial-peers",
@@ -83,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     dht.add_argument("--port", type=int, default=0, help="port to listen on; 0 = pick one")
     _add_peers(dht, required=False)
+    _add_swarm_key(dht)
+
+    keygen = sub.add_parser(
+        "keygen", help="write a new private swarm key to FILE (readable by you only) for --swarm-key-file"
+    )
+    keygen.add_argument("file", type=Path, metavar="FILE", help="where to write it; never overwritten")
 
     serve = sub.add_parser("serve", help="serve a span of transformer blocks")
     serve.add_argument(
@@ -98,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--blocks", type=_span, help="serve this half-open span START:END, e.g. 0:12")
     _add_peers(serve, required=False)
+    _add_swarm_key(serve)
     serve.add_argument(
         "--device",
         default="auto",
@@ -172,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--model-id", default=None, help="DHT prefix; default: derived from the model config")
     _add_peers(status, required=True)
+    _add_swarm_key(status)
     status.add_argument(
         "--json", action="store_true", help="print one JSON document instead of a table (for scripts)"
     )
@@ -183,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, type=Path, help="model folder with its tokenizer (the client's parts)"
     )
     _add_peers(api, required=True)
+    _add_swarm_key(api)
     api.add_argument("--host", default="127.0.0.1", help="HTTP interface (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 = pick one)")
     api.add_argument(
@@ -233,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, type=Path, help="model folder with a tokenizer that has a chat template"
     )
     _add_peers(chat, required=True)
+    _add_swarm_key(chat)
     chat.add_argument(
         "--max-new-tokens", type=_positive_int, default=256, help="longest answer, tokens (default 256)"
     )

@@ -20,6 +20,7 @@ import psutil
 from shardnet.dht import ServerState, lookup, start_dht
 from shardnet.errors import ShardnetError
 from shardnet.models import derive_model_id, load_config
+from shardnet.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 PARENT_PID_ENV = "SHARDNET_PARENT_PID"  # set for every child; the CLI ties the child's life to this pid
@@ -47,9 +48,11 @@ class LocalSwarm:
         log_dir: str | Path | None = None,
         torch_threads: int | None = None,
         server_args: Sequence[Sequence[str]] | None = None,
+        swarm_key_file: str | Path | None = None,
     ):
         """``extra_args`` go to every server; ``server_args``, one list per span, to that span's server only
-        (e.g. its own ``--port`` and ``--announce-port``)."""
+        (e.g. its own ``--port`` and ``--announce-port``). ``swarm_key_file``: a private swarm, whose DHT
+        node and servers all start with ``--swarm-key-file``."""
         self.model_path = Path(model_path)
         self.spans = list(spans)
         self.dtype = dtype
@@ -59,6 +62,8 @@ class LocalSwarm:
         self.server_args = [list(args) for args in server_args] if server_args else [[] for _ in self.spans]
         self.log_dir = Path(log_dir) if log_dir else None
         self.torch_threads = torch_threads
+        self.swarm_key_file = Path(swarm_key_file) if swarm_key_file else None
+        self.swarm_key = SwarmKey.from_file(swarm_key_file) if swarm_key_file else None
         config = load_config(self.model_path)
         self.model_id = derive_model_id(config)
         self.num_blocks = int(config.num_hidden_layers)
@@ -90,7 +95,7 @@ class LocalSwarm:
 
     def start_dht(self, timeout_s: float = 60.0) -> list[str]:
         self.dht_process = self._spawn(
-            ["dht", "--host", "127.0.0.1", "--port", "0"], "dht", stdout=subprocess.PIPE
+            ["dht", "--host", "127.0.0.1", "--port", "0", *self._key_args()], "dht", stdout=subprocess.PIPE
         )
         first = _read_line(self.dht_process, timeout_s)
         if not first.startswith("/"):
@@ -98,8 +103,11 @@ class LocalSwarm:
         self.initial_peers = [first.strip()]
         # Started now, while this process has no gRPC calls in flight: hivemind forks its node, and a fork
         # taken while gRPC threads are busy (e.g. in a test that adds servers mid-generation) can hang it.
-        self._probe = start_dht(self.initial_peers, client_mode=True)
+        self._probe = start_dht(self.initial_peers, client_mode=True, swarm_key=self.swarm_key)
         return self.initial_peers
+
+    def _key_args(self) -> list[str]:
+        return ["--swarm-key-file", str(self.swarm_key_file)] if self.swarm_key_file else []
 
     def start_server(self, start: int, end: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
         """A server for blocks start:end (``--blocks``)."""
@@ -119,6 +127,7 @@ class LocalSwarm:
             self.dtype,
             "--initial-peers",
             *self.initial_peers,
+            *self._key_args(),
             *self.extra_args,
             *extra_args,
         ]

@@ -27,6 +27,8 @@ from shardnet.client.transport import Transport
 from shardnet.devices import HOST, make_current, resolve_device
 from shardnet.errors import ConfigError, GenerationError
 from shardnet.models import Checkpoint, ClientHead, adapter_for, load_config
+from shardnet.swarm_key import SwarmKey
+from shardnet.wire.call_auth import CALL_KEY_LABEL, CallSigner
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         refresh_interval_s: float = 10.0,
         max_message_bytes: int = 256 * 1024 * 1024,
         push: bool = True,
+        swarm_key: str | SwarmKey | None = None,
     ) -> ShardedModel:
         """Load the client-side weights from a local model folder and join the swarm.
 
@@ -113,7 +116,11 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         failed, and the session fails over. ``max_retries``: failovers allowed per step. ``push``: each
         server passes a step's output straight to the next one (N+1 network delays per step instead of
         2N), when every server of the route supports it; ``push=False`` chains every hop through the client.
+        ``swarm_key``: the key of a private swarm, as hex (what ``shardnet keygen`` writes): the client
+        reads only records sealed with it and signs every call with it (a ``dht`` passed in must have
+        been started with it too).
         """
+        key = SwarmKey.from_hex(swarm_key) if isinstance(swarm_key, str) else swarm_key
         client_config = ClientConfig(
             dtype=dtype,
             device=str(device),
@@ -138,12 +145,14 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         except OSError:
             generation_config = GenerationConfig.from_model_config(config)
         # The DHT first: hivemind forks its process, which must happen before gRPC channels exist.
-        transport = Transport(max_message_bytes)  # no channel exists before the first call
+        signer = CallSigner(key.derive(CALL_KEY_LABEL)) if key is not None else None
+        transport = Transport(max_message_bytes, signer)  # no channel exists before the first call
         swarm = SwarmView.connect(
             model_path,
             initial_peers,
             model_id=model_id,
             dht=dht,
+            swarm_key=key,
             health=ServerHealth.shared(),
             transport=transport,
             refresh_interval_s=refresh_interval_s,

@@ -22,7 +22,9 @@ import hivemind
 from shardnet.client.health import ServerHealth
 from shardnet.client.transport import Transport
 from shardnet.dht import ServerState, ServerView, lookup, start_dht
+from shardnet.errors import ConfigError
 from shardnet.models import derive_model_id, load_config, validate_model_id
+from shardnet.swarm_key import SwarmKey
 from shardnet.wire import pb
 
 logger = logging.getLogger(__name__)
@@ -82,14 +84,23 @@ class SwarmView:
         initial_peers: Sequence[str],
         model_id: str | None = None,
         dht: hivemind.DHT | None = None,
+        swarm_key: SwarmKey | None = None,
         **options,
     ) -> SwarmView:
+        """``swarm_key``: a private swarm's; a ``dht`` passed in must have been started with the same key."""
         config = load_config(model_path)
         model_id = validate_model_id(model_id or derive_model_id(config))
         num_blocks = int(config.num_hidden_layers)
         owns = dht is None
         if dht is None:
-            dht = start_dht(initial_peers, client_mode=True, model_id=model_id, num_blocks=num_blocks)
+            dht = start_dht(
+                initial_peers, client_mode=True, model_id=model_id, num_blocks=num_blocks, swarm_key=swarm_key
+            )
+        elif (swarm_key is None) != (getattr(dht, "swarm_key", None) is None):
+            raise ConfigError(
+                "the DHT node passed in and swarm_key disagree on whether the swarm is private: start the node "
+                "with start_dht(..., swarm_key=...) and pass the same key"
+            )
         return cls(dht, model_id, num_blocks, owns, **options)
 
     def servers(self) -> list[list[ServerView]]:

@@ -16,9 +16,11 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
+from shardnet.dht.private import SealedRecords, namespace
 from shardnet.dht.records import ServerRecord, ServerView, block_key, parse_record, schema_validator
 from shardnet.dht.tether import TetheredDHT
 from shardnet.errors import ConfigError, DHTLookupError, DHTStartError
+from shardnet.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 LOOKUP_TIMEOUT_S = 60.0  # a look-up taking longer is treated as failed (the node is stuck or gone)
@@ -34,15 +36,20 @@ def start_dht(
     model_id: str | None = None,
     num_blocks: int | None = None,
     timeout_s: float = 120.0,
+    swarm_key: SwarmKey | None = None,
 ) -> hivemind.DHT:
-    """Start a DHT node (in its own process, as hivemind does) that signs and schema-checks records.
+    """Start a DHT node (in its own process, as hivemind does) that signs and schema-checks records;
+    with a swarm key, one of a private swarm (``dht/private.py``): it seals its records and accepts
+    only sealed ones.
 
     hivemind forks that process: call this before creating any gRPC server or channel in the process,
     since a fork taken while gRPC's threads run can leave the child dead or deadlocked.
     """
     validators: list = [RSASignatureValidator()]
     if model_id is not None and num_blocks is not None:
-        validators.append(schema_validator(model_id, num_blocks))
+        validators.append(schema_validator(namespace(model_id, swarm_key), num_blocks))
+    if swarm_key is not None:
+        validators.append(SealedRecords(swarm_key))
     dht = TetheredDHT(
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -50,6 +57,7 @@ def start_dht(
         record_validators=validators,
         start=False,
     )
+    dht.swarm_key = swarm_key  # names the model's keys in announce and lookup
     try:
         dht.run_in_background(await_ready=True, timeout=timeout_s)
     except FutureTimeoutError:  # the node's process died or hangs: without a timeout we would wait forever
@@ -83,7 +91,7 @@ def announce(
             "DHT announce of blocks %d:%d skipped: the DHT process is gone", record.start, record.end
         )
         return False
-    keys = [block_key(model_id, block) for block in range(record.start, record.end)]
+    keys = _block_keys(dht, model_id, range(record.start, record.end))
     subkey = owned_subkey(dht)
     expiration = get_dht_time() + ttl_s
     future = dht.run_coroutine(
@@ -97,6 +105,11 @@ def announce(
     if not stored:
         logger.warning("DHT announce of blocks %d:%d was not stored everywhere", record.start, record.end)
     return stored
+
+
+def _block_keys(dht: hivemind.DHT, model_id: str, blocks: range) -> list[str]:
+    prefix = namespace(model_id, getattr(dht, "swarm_key", None))
+    return [block_key(prefix, block) for block in blocks]
 
 
 def _result_while_alive(dht: hivemind.DHT, future, timeout_s: float):
@@ -142,7 +155,7 @@ def lookup(
     Raises DHTLookupError if the DHT process gives no answer within ``timeout_s`` (or is gone), so a
     caller never waits forever on a stuck node.
     """
-    keys = [block_key(model_id, block) for block in range(num_blocks)]
+    keys = _block_keys(dht, model_id, range(num_blocks))
     future = dht.run_coroutine(partial(_get_many, keys), return_future=True)
     found = _result_while_alive(dht, future, timeout_s)
     if found is None:

@@ -39,6 +39,7 @@ from shardnet.server.servicer import ServerRuntime, ShardServicer
 from shardnet.server.sessions import SessionTable
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb_grpc
+from shardnet.wire.call_auth import CALL_KEY_LABEL, CallSigner, CallVerifier, VerifyingInterceptor
 
 logger = logging.getLogger(__name__)
 _UNARY_WORKERS = 4  # gRPC worker threads beyond one per session, for Info and Forward
@@ -193,15 +194,20 @@ class Server:
         # A worker thread per open stream (sessions) plus a few for Info/Forward; RPCs beyond that are
         # refused with RESOURCE_EXHAUSTED instead of queueing behind idle streams.
         workers = cfg.max_sessions + _UNARY_WORKERS
+        # A private swarm's server refuses every call without a member's credential (wire/call_auth.py).
+        verifier = CallVerifier(cfg.swarm_key.derive(CALL_KEY_LABEL)) if cfg.swarm_key else None
         server = grpc.server(
             ThreadPoolExecutor(workers, thread_name_prefix="grpc"),
             options=grpc_options(cfg.max_message_bytes) + keepalive_options(cfg),
             maximum_concurrent_rpcs=workers,
+            interceptors=[VerifyingInterceptor(verifier)] if verifier else None,
         )
         pb_grpc.add_ShardServicer_to_server(ShardServicer(self.runtime), server)
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} (address in use or not local)")
+        if verifier is not None:  # credentials name the address the caller dialed: the announced one
+            verifier.set_addresses([f"{cfg.dial_host}:{cfg.dial_port(self.port)}"])
         server.start()
         return server
 
@@ -215,7 +221,14 @@ class Server:
 
         # The DHT first: hivemind forks its process, and a fork must not happen while gRPC's threads run.
         self.dht = await asyncio.to_thread(
-            start_dht, cfg.initial_peers, cfg.dht_host, cfg.dht_port, False, self.model_id, self.num_blocks
+            start_dht,
+            cfg.initial_peers,
+            cfg.dht_host,
+            cfg.dht_port,
+            False,
+            self.model_id,
+            self.num_blocks,
+            swarm_key=cfg.swarm_key,
         )
         self.compute = ComputeQueue(max_batch_rows=cfg.max_chunk_tokens)  # a thread: after the fork
         # The current GPU is per thread. (torch's thread count is not: run() set it for every thread.)
@@ -226,7 +239,10 @@ class Server:
                 placement = self._placement()
                 first = await asyncio.to_thread(placement.first_look)
                 self.span = first.span
-            self.runtime.push = PushSender(self._announced_addresses, grpc_options(cfg.max_message_bytes))
+            signer = CallSigner(cfg.swarm_key.derive(CALL_KEY_LABEL)) if cfg.swarm_key else None
+            self.runtime.push = PushSender(
+                self._announced_addresses, grpc_options(cfg.max_message_bytes), signer=signer
+            )
             server = self._start_grpc()
         except BaseException:
             await asyncio.to_thread(self.dht.shutdown)

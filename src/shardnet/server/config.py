@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shardnet.devices import DTYPE_NAMES, parse_device
 from shardnet.errors import ConfigError
+from shardnet.swarm_key import SwarmKey
 
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # --dtype: auto = by device (see shardnet/devices.py)
 QUANT_NAMES = ("none", "int8", "nf4")  # = shardnet.models.quantization.QUANT_MODES, without importing torch
@@ -51,6 +52,7 @@ class ServerConfig:
     session_idle_timeout_s: float = 300.0  # a session with no step for this long is closed, its cache freed
     max_chunk_tokens: int = 1024  # largest compute chunk, batch x positions; other steps run between chunks
     batching: bool = True  # concurrent sessions' decode steps share one forward pass (max_chunk_tokens rows)
+    swarm_key: SwarmKey | None = None  # a private swarm's key: sealed DHT records, signed gRPC calls
     # gRPC keepalive, so a half-open connection (client machine gone without a FIN) ends its sessions: the
     # server pings each connection with open streams every keepalive_time_s, also when no data flows, and
     # drops it when an answer takes longer than keepalive_timeout_s. With 60 s + 20 s, a vanished client's

@@ -19,6 +19,7 @@ import grpc
 
 from shardnet.errors import InvalidRequestError
 from shardnet.wire import pb, pb_grpc
+from shardnet.wire.call_auth import CallSigner, signed_channel
 
 logger = logging.getLogger(__name__)
 ALLOWED_MAX_AGE_S = 1.0  # an address not yet seen is looked up again at most this often
@@ -30,9 +31,11 @@ class PushSender:
         announced_addresses: Callable[[], set[str]],
         channel_options: list[tuple[str, int]],
         timeout_s: float = 10.0,
+        signer: CallSigner | None = None,
     ):
         self._announced = announced_addresses  # host:port of this model's servers in the DHT (a look-up)
         self._options = channel_options
+        self._signer = signer  # a private swarm's: pushes carry credentials like clients' calls
         self.timeout_s = timeout_s
         self._allowed: set[str] = set()
         self._checked_at = float("-inf")
@@ -60,7 +63,9 @@ class PushSender:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = signed_channel(
+                    grpc.insecure_channel(address, options=self._options), self._signer, address
+                )
                 self._channels.append(channel)
                 stub = self._stubs[address] = pb_grpc.ShardStub(channel)
             return stub
