@@ -32,6 +32,9 @@ def server(llama_untied, tmp_path_factory):
             "4",
             "--max-length",
             "128",
+            # the whole budget to one client here; the per-client shares have their own test below
+            "--max-cache-tokens-per-client",
+            "256",
         ],
     )
     swarm.start(timeout_s=120)
@@ -89,6 +92,13 @@ BAD_FORWARDS = {
     ),
     "positions_too_far": lambda s: _forward(
         s, torch.randn(1, 3, HIDDEN), position_ids=serialize(torch.tensor([[0, 1, 100000]]))
+    ),
+    # NaN and Inf are refused, not passed through (README "what you expose")
+    "nan_hidden": lambda s: _forward(
+        s, torch.randn(1, 3, HIDDEN).index_fill(2, torch.tensor([5]), float("nan"))
+    ),
+    "inf_bfloat16_hidden": lambda s: _forward(
+        s, torch.randn(1, 3, HIDDEN).index_fill(1, torch.tensor([2]), float("-inf")).to(torch.bfloat16)
     ),
 }
 
@@ -246,3 +256,76 @@ def test_info_reports_span_and_limits(server):
     assert (info.model_id, info.span.start, info.span.end) == (swarm.model_id, 1, 4)
     assert info.protocol_version == "shardnet.v1" and info.dtype == "float32"
     assert info.max_message_bytes == 1 << 20 and info.max_batch_size == 4 and info.max_length == 128
+
+
+def test_one_client_gets_half_the_cache_and_half_the_sessions_by_default(llama_untied, tmp_path):
+    """Per-client quotas (one connection = one client): the first client's third session, or a session
+    past its half of the cache, is RESOURCE_EXHAUSTED while another client still opens one."""
+    swarm = LocalSwarm(
+        llama_untied,
+        [(1, 4)],
+        log_dir=tmp_path,
+        torch_threads=1,
+        extra_args=["--max-cache-tokens", "256", "--max-sessions", "4"],
+    )
+    swarm.start(timeout_s=120)
+    from shardnet.dht import lookup
+
+    [view] = lookup(swarm._probe, swarm.model_id, swarm.num_blocks)[1]
+    # A channel pool of its own each, so the two clients do not share one connection.
+    channels = [
+        grpc.insecure_channel(view.address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(2)
+    ]
+    first, second = (pb_grpc.ShardStub(channel) for channel in channels)
+    streams = []
+    try:
+        streams.append(_Stream(first))
+        streams[-1].send(**_open(swarm, batch=1, max_length=100))  # 100 of the first client's 128
+        with pytest.raises(grpc.RpcError) as refused:
+            _Stream(first).send(**_open(swarm, batch=1, max_length=64))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-cache-tokens-per-client" in refused.value.details()
+        streams.append(_Stream(first))
+        streams[-1].send(**_open(swarm, batch=1, max_length=20))  # its second session: 120 of 128
+        with pytest.raises(grpc.RpcError) as refused:
+            _Stream(first).send(**_open(swarm, batch=1, max_length=4))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-sessions-per-client" in refused.value.details()
+        streams.append(_Stream(second))
+        reply = streams[-1].send(**_open(swarm, batch=1, max_length=100))  # the other client is served
+        assert reply.opened.cache_tokens == 100
+    finally:
+        for stream in streams:
+            stream.close()
+        for channel in channels:
+            channel.close()
+        swarm.stop()
+
+
+def test_a_flood_of_calls_is_resource_exhausted_then_served_again(llama_untied, tmp_path):
+    swarm = LocalSwarm(
+        llama_untied, [(1, 4)], log_dir=tmp_path, torch_threads=1, extra_args=["--max-requests-per-s", "5"]
+    )
+    swarm.start(timeout_s=120)
+    from shardnet.dht import lookup
+
+    [view] = lookup(swarm._probe, swarm.model_id, swarm.num_blocks)[1]
+    try:
+        with grpc.insecure_channel(view.address) as channel:
+            stub = pb_grpc.ShardStub(channel)
+            codes = []
+            for _ in range(30):  # bursts of 10 allowed, then 5 a second
+                try:
+                    stub.Info(pb.InfoRequest(), timeout=10)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+                    assert "request rate" in exc.details()
+            assert codes[:10] == [grpc.StatusCode.OK] * 10
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 15
+            import time
+
+            time.sleep(1.0)
+            stub.Info(pb.InfoRequest(), timeout=10)  # refilled
+    finally:
+        swarm.stop()

@@ -98,7 +98,7 @@ def test_full_server_refuses_and_the_session_completes_elsewhere(llama_untied, l
     server has room, opens there, is refused with RESOURCE_EXHAUSTED, and opens on the new server."""
     swarm = LocalSwarm(llama_untied, [(0, 6)], log_dir=tmp_path, torch_threads=1)
     swarm.start_dht()
-    small = swarm.start_server(0, 6, ["--max-cache-tokens", "40"])
+    small = swarm.start_server(0, 6, ["--max-cache-tokens", "40", "--max-cache-tokens-per-client", "40"])
     try:
         swarm.wait_ready(timeout_s=180)
         with ShardedModel.from_pretrained(llama_untied, swarm.initial_peers, refresh_interval_s=600) as model:

@@ -64,6 +64,11 @@ def cluster(llama_untied, tmp_path_factory):
                 "10",
                 "--max-cache-tokens",
                 str(SMALL_CACHE_TOKENS),
+                # these tests hold the server-wide limits from one connection: no per-client share
+                "--max-cache-tokens-per-client",
+                str(SMALL_CACHE_TOKENS),
+                "--max-sessions-per-client",
+                "10",
             ],
         )
         swarm.start_server(*DEFAULT, extra_args=["--session-idle-timeout", "1"])

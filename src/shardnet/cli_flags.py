@@ -165,6 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-cache-tokens", type=int, default=131072, help="KV-cache budget, batch x positions"
     )
     serve.add_argument("--max-sessions", type=int, default=64)
+    serve.add_argument(
+        "--max-cache-tokens-per-client",
+        type=int,
+        default=None,
+        help="KV-cache one client (one connection) may hold, batch x positions (default: half of "
+        "--max-cache-tokens)",
+    )
+    serve.add_argument(
+        "--max-sessions-per-client",
+        type=int,
+        default=None,
+        help="sessions one client (one connection) may hold open (default: half of --max-sessions)",
+    )
+    serve.add_argument(
+        "--max-requests-per-s",
+        type=float,
+        default=100.0,
+        help="Info, Forward and session-open calls per second one client may make, in bursts of up to "
+        "twice that (default 100); steps are paced by the compute and not counted",
+    )
     serve.add_argument("--max-message-mb", type=int, default=256, help="largest gRPC message, MiB")
     serve.add_argument("--announce-ttl", type=float, default=30.0, help="DHT record lifetime, seconds")
     serve.add_argument(

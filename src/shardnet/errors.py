@@ -66,6 +66,11 @@ class CacheFullError(ShardnetError):
     retryable = True
 
 
+class ClientQuotaError(CacheFullError):
+    """One client's share of a server (its sessions, cache tokens or request rate) is used up; other
+    servers, or this one a little later, can still serve it."""
+
+
 class MessageTooLargeError(InvalidRequestError):
     """A tensor would exceed the negotiated message size limit."""
 

@@ -35,10 +35,11 @@ from shardnet.server.fit import GIB, SpanFootprint, check_fit
 from shardnet.server.placement import FirstLook, Placement
 from shardnet.server.push import PushSender
 from shardnet.server.reaper import IdleReaper
-from shardnet.server.servicer import ServerRuntime, ShardServicer
+from shardnet.server.request_rate import RequestRate
+from shardnet.server.servicer import ServerRuntime, ShardServicer, add_to_server
 from shardnet.server.sessions import SessionTable
 from shardnet.version import __version__
-from shardnet.wire import PROTOCOL_VERSION, pb_grpc
+from shardnet.wire import PROTOCOL_VERSION
 from shardnet.wire.call_auth import CALL_KEY_LABEL, CallSigner, CallVerifier, VerifyingInterceptor
 
 logger = logging.getLogger(__name__)
@@ -98,9 +99,15 @@ class Server:
         self._check_fit()
         self.span: tuple[int, int] | None = config.blocks  # chosen in run() for --num-blocks
         self.runtime = ServerRuntime(
-            SessionTable(config.max_cache_tokens, config.max_sessions),
+            SessionTable(
+                config.max_cache_tokens,
+                config.max_sessions,
+                max_cache_tokens_per_client=config.client_cache_tokens,
+                max_sessions_per_client=config.client_sessions,
+            ),
             config.max_message_bytes,
             quant=config.quant,
+            rate=RequestRate(config.max_requests_per_s, burst=2 * config.max_requests_per_s),
         )
         self._stop = asyncio.Event()
 
@@ -202,7 +209,7 @@ class Server:
             maximum_concurrent_rpcs=workers,
             interceptors=[VerifyingInterceptor(verifier)] if verifier else None,
         )
-        pb_grpc.add_ShardServicer_to_server(ShardServicer(self.runtime), server)
+        add_to_server(ShardServicer(self.runtime), server)
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} (address in use or not local)")

@@ -45,6 +45,10 @@ class ServerConfig:
     max_length: int = 8192  # longest session, positions (capped by the model's max_position_embeddings)
     max_cache_tokens: int = 131072  # KV-cache budget over all sessions, batch x positions
     max_sessions: int = 64  # inference sessions open at once
+    # Per client (one connection): a share of those, so one client cannot take all of a server's cache.
+    max_cache_tokens_per_client: int | None = None  # None = half of max_cache_tokens
+    max_sessions_per_client: int | None = None  # None = half of max_sessions
+    max_requests_per_s: float = 100.0  # Info, Forward and session opens per client; bursts of twice that
     max_message_bytes: int = 256 * 1024 * 1024  # largest gRPC message sent or received, bytes
     announce_ttl_s: float = 30.0  # DHT record lifetime; refreshed every third of it
     drain_timeout_s: float = 10.0  # on SIGTERM, how long open sessions may finish before the server stops
@@ -104,12 +108,25 @@ class ServerConfig:
             raise ConfigError("--announce-ttl must be positive and --drain-timeout non-negative")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError("--torch-threads must be at least 1")
+        for name in ("max_cache_tokens_per_client", "max_sessions_per_client"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.max_requests_per_s > 0:
+            raise ConfigError("--max-requests-per-s must be positive")
         if not self.session_idle_timeout_s > 0:
             raise ConfigError("--session-idle-timeout must be positive (seconds)")
         if min(self.keepalive_time_s, self.keepalive_timeout_s, self.min_client_ping_interval_s) <= 0:
             raise ConfigError(
                 "keepalive_time_s, keepalive_timeout_s and min_client_ping_interval_s must be positive"
             )
+
+    @property
+    def client_cache_tokens(self) -> int:
+        return self.max_cache_tokens_per_client or max(1, self.max_cache_tokens // 2)
+
+    @property
+    def client_sessions(self) -> int:
+        return self.max_sessions_per_client or max(1, self.max_sessions // 2)
 
     @property
     def dial_host(self) -> str:

@@ -14,21 +14,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from shardnet.dht import ServerState
 from shardnet.errors import InvalidRequestError, ServerUnavailableError, SessionError, ShardnetError
 from shardnet.server.backend import SpanBackend, StepInput
 from shardnet.server.push import PendingPush, PushSender
+from shardnet.server.request_rate import RequestRate
 from shardnet.server.sessions import Session, SessionTable
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
 from shardnet.wire.status import status_for
-from shardnet.wire.tensors import FLOAT_DTYPES, deserialize, serialize
+from shardnet.wire.tensors import FLOAT_DTYPES, check_finite, deserialize, serialize
 
 logger = logging.getLogger(__name__)
 _MASK_DTYPES = frozenset({"int64", "bool"})
 _POSITION_DTYPES = frozenset({"int64"})
 PUSH_WAIT_S = 120.0  # how long a session awaits a pushed step before giving up on it
+SERVICE_NAME = "shardnet.v1.Shard"
 
 
 @dataclass
@@ -41,6 +44,11 @@ class ServerRuntime:
     state: ServerState = ServerState.JOINING
     backend: SpanBackend | None = None  # None until the span's weights are loaded
     push: PushSender | None = None  # passes step outputs on to the next server (None: push refused)
+    rate: RequestRate | None = None  # per-client rate of Info, Forward and opens (None: unlimited)
+
+    def admit(self, context: grpc.ServicerContext, what: str) -> None:
+        if self.rate is not None:
+            self.rate.admit(context.peer(), what)
 
     def ready_backend(self) -> SpanBackend:
         if self.backend is None or self.state == ServerState.JOINING:
@@ -53,8 +61,10 @@ class ServerRuntime:
 def _step_input(
     hidden: pb.Tensor, mask: pb.Tensor, positions: pb.Tensor, present: set[str], rows: pb.Tensor | None = None
 ) -> StepInput:
+    hidden_states = deserialize(hidden, FLOAT_DTYPES)
+    check_finite(hidden, "hidden_states")  # refused, not passed through: see README "what you expose"
     return StepInput(
-        hidden_states=deserialize(hidden, FLOAT_DTYPES),
+        hidden_states=hidden_states,
         attention_mask=deserialize(mask, _MASK_DTYPES) if "attention_mask" in present else None,
         position_ids=deserialize(positions, _POSITION_DTYPES) if "position_ids" in present else None,
         hypo_ids=deserialize(rows, _POSITION_DTYPES) if "hypo_ids" in present else None,
@@ -79,6 +89,10 @@ class ShardServicer(pb_grpc.ShardServicer):
         context.abort(code, details)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        try:
+            self.runtime.admit(context, "Info")
+        except ShardnetError as error:
+            self._abort(context, error)
         backend, sessions = self.runtime.backend, self.runtime.sessions
         reply = pb.InfoResponse(
             protocol_version=PROTOCOL_VERSION,
@@ -105,6 +119,7 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         try:
+            self.runtime.admit(context, "Forward")
             backend = self.runtime.ready_backend()
             backend.check_model(request.model_id)
             backend.check_span(request.span.start, request.span.end)
@@ -169,6 +184,7 @@ class ShardServicer(pb_grpc.ShardServicer):
                 self.runtime.sessions.close(session)
 
     def _open(self, request: pb.OpenSession, context: grpc.ServicerContext) -> Session:
+        self.runtime.admit(context, "opening a session")
         backend = self.runtime.ready_backend()
         backend.check_model(request.model_id)
         backend.check_span(request.span.start, request.span.end)
@@ -181,6 +197,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             backend.span.new_cache(),
             request.session_id,
             cancel=context.cancel,  # lets the idle reaper end this stream
+            client=context.peer(),  # one connection: the unit of the per-client quotas
         )
 
     def _step(self, session: Session, request: pb.Step) -> tuple[pb.InferenceResponse, PendingPush | None]:
@@ -252,3 +269,68 @@ class ShardServicer(pb_grpc.ShardServicer):
             return pb.PushAck()
         except Exception as error:  # every failure becomes a status; the server keeps serving
             self._abort(context, error)
+
+
+# ---- registration: a request that does not decode is INVALID_ARGUMENT ----
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    reason: str
+
+
+def _lenient(message_type):
+    """A deserializer that never raises: gRPC answers a deserializer's exception with INTERNAL, which
+    would blame the server for a client's garbage."""
+
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(f"the {message_type.__name__} message does not decode: {exc}")
+
+    return parse
+
+
+def _unary(behavior):
+    def handle(request, context: grpc.ServicerContext):
+        if isinstance(request, _Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return behavior(request, context)
+
+    return handle
+
+
+def _decoded(requests: Iterator) -> Iterator:
+    for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidRequestError(request.reason)
+        yield request
+
+
+def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like the generated ``add_ShardServicer_to_server``, with lenient decoding."""
+    handlers = {
+        "Info": grpc.unary_unary_rpc_method_handler(
+            _unary(servicer.Info),
+            request_deserializer=_lenient(pb.InfoRequest),
+            response_serializer=pb.InfoResponse.SerializeToString,
+        ),
+        "Forward": grpc.unary_unary_rpc_method_handler(
+            _unary(servicer.Forward),
+            request_deserializer=_lenient(pb.ForwardRequest),
+            response_serializer=pb.ForwardResponse.SerializeToString,
+        ),
+        "Inference": grpc.stream_stream_rpc_method_handler(
+            lambda requests, context: servicer.Inference(_decoded(requests), context),
+            request_deserializer=_lenient(pb.InferenceRequest),
+            response_serializer=pb.InferenceResponse.SerializeToString,
+        ),
+        "Push": grpc.unary_unary_rpc_method_handler(
+            _unary(servicer.Push),
+            request_deserializer=_lenient(pb.PushRequest),
+            response_serializer=pb.PushAck.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

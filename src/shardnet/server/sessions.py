@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardnet.errors import CacheFullError, InvalidRequestError, SessionError
+from shardnet.errors import CacheFullError, ClientQuotaError, InvalidRequestError, SessionError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Session:
     reclaimed: bool = False  # closed for idleness: takes no more steps
     push_token: bytes = field(default_factory=lambda: secrets.token_bytes(16))  # names it to pushing servers
     inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # steps from the client or a push
+    client: str = ""  # who opened it (its connection), for the per-client quotas
 
     @property
     def cache_tokens(self) -> int:
@@ -55,13 +56,25 @@ class Session:
 class SessionTable:
     """Open sessions and the cache budget; thread-safe, since gRPC handlers and compute run apart.
 
+    Besides the server-wide limits, each client (see ``ShardServicer``: one connection) may hold at most
+    ``max_sessions_per_client`` sessions and ``max_cache_tokens_per_client`` cache tokens, so one client
+    cannot take all of a server's cache.
+
     ``on_change`` (if set) is called after every open and close, outside the table's lock, on the
     thread that opened or closed the session.
     """
 
-    def __init__(self, max_cache_tokens: int, max_sessions: int):
+    def __init__(
+        self,
+        max_cache_tokens: int,
+        max_sessions: int,
+        max_cache_tokens_per_client: int | None = None,
+        max_sessions_per_client: int | None = None,
+    ):
         self.max_cache_tokens = max_cache_tokens
         self.max_sessions = max_sessions
+        self.max_cache_tokens_per_client = max_cache_tokens_per_client or max_cache_tokens
+        self.max_sessions_per_client = max_sessions_per_client or max_sessions
         self.on_change: Callable[[], None] | None = None
         self._sessions: dict[str, Session] = {}
         self._by_token: dict[bytes, Session] = {}
@@ -96,7 +109,9 @@ class SessionTable:
         cache: object,
         client_id: str,
         cancel: Callable[[], None] = _no_cancel,
+        client: str = "",
     ) -> Session:
+        """``client_id``: the session id the client asked for; ``client``: who asks (its connection)."""
         tokens = batch_size * max_length
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
@@ -109,10 +124,22 @@ class SessionTable:
                     f"session needs {tokens} cache tokens (batch {batch_size} x length {max_length}) "
                     f"but only {self.max_cache_tokens - used} of {self.max_cache_tokens} are free"
                 )
+            own = [s for s in self._sessions.values() if s.client == client]
+            if len(own) >= self.max_sessions_per_client:
+                raise ClientQuotaError(
+                    f"this client has {len(own)} sessions open here, its limit "
+                    f"(--max-sessions-per-client {self.max_sessions_per_client}); close one or try another server"
+                )
+            own_tokens = sum(s.cache_tokens for s in own)
+            if own_tokens + tokens > self.max_cache_tokens_per_client:
+                raise ClientQuotaError(
+                    f"session needs {tokens} cache tokens but this client already holds {own_tokens} of its "
+                    f"{self.max_cache_tokens_per_client} (--max-cache-tokens-per-client); try another server"
+                )
             session_id = _clean_client_id(client_id) or uuid.uuid4().hex
             while session_id in self._sessions:
                 session_id = uuid.uuid4().hex
-            session = Session(session_id, start, end, batch_size, max_length, cache, cancel)
+            session = Session(session_id, start, end, batch_size, max_length, cache, cancel, client=client)
             self._sessions[session_id] = session
             self._by_token[session.push_token] = session
             self._served += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from shardnet.errors import InvalidRequestError, MessageTooLargeError
@@ -18,6 +19,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+# Bits of a float's exponent: all set means Inf or NaN. bfloat16 has no numpy dtype, so it is checked so.
+_EXPONENT = {"float32": ("<u4", 0x7F800000), "float16": ("<u2", 0x7C00), "bfloat16": ("<u2", 0x7F80)}
 MAX_DIMS = 8
 
 
@@ -55,3 +58,18 @@ def deserialize(message: pb.Tensor, allowed: frozenset[str] | None = None) -> to
         return torch.empty(shape, dtype=dtype)
     # bytearray makes one writable copy, so torch owns its memory and never aliases the message.
     return torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
+
+
+def check_finite(message: pb.Tensor, name: str) -> None:
+    """Refuse (InvalidRequestError) a float tensor holding NaN or Inf; call it after ``deserialize``.
+
+    It reads the raw bytes with numpy, on the calling thread alone: torch would start a thread team of
+    its own on a gRPC thread for a large tensor, which slows the server's compute (``openmp.py``).
+    """
+    bits = _EXPONENT.get(message.dtype)
+    if bits is None or not message.data:
+        return
+    dtype, exponent = bits
+    raw = np.frombuffer(message.data, dtype=dtype)
+    if np.any((raw & np.asarray(exponent, dtype=dtype)) == exponent):
+        raise InvalidRequestError(f"{name} holds NaN or Inf values; send finite activations")
