@@ -81,6 +81,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_chunk_tokens=args.max_chunk_tokens,
         batching=args.batching,
         swarm_key=swarm_key(args),
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        state_dir=args.state_dir,
     )
     from shardnet.server.app import run_server  # after the flags are checked: a bad one fails at once
 

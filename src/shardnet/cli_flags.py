@@ -148,6 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="gRPC interface (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="gRPC port; 0 = pick one")
+    serve.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve gRPC over TLS with a self-signed certificate made at first start and kept in "
+        "--state-dir; its fingerprint goes into the signed DHT record and clients pin it",
+    )
+    serve.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="PEM certificate for TLS (implies --tls)"
+    )
+    serve.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="its PEM private key, readable by you only"
+    )
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="where the server keeps its state, e.g. the certificate --tls makes (default: the user state "
+        "folder, e.g. ~/.local/state/shardnet)",
+    )
     serve.add_argument("--announce-host", default=None, help="address clients dial (default: --host)")
     serve.add_argument(
         "--announce-port",

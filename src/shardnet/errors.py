@@ -84,6 +84,10 @@ class ServerUnavailableError(ShardnetError):
     retryable = True
 
 
+class ServerIdentityError(ServerUnavailableError):
+    """A TLS server's certificate is not the one its DHT record announced: it is not used."""
+
+
 class SessionExpiredError(ShardnetError):
     """The server ended a session on its own (idle reclaim, or the end of its drain): open it again."""
 

@@ -40,7 +40,9 @@ def _forward_hop(
         **extra,
     )
     try:
-        reply = transport.stub(hop.server.address).Forward(request, timeout=timeout_s)
+        reply = transport.stub(hop.server.address, hop.server.record.tls_fingerprint).Forward(
+            request, timeout=timeout_s
+        )
     except grpc.RpcError as exc:
         raise error_from_rpc(exc, f"{hop.server.short_id}@{hop.server.address}") from None
     return deserialize(reply.hidden_states)

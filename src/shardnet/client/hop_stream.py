@@ -84,7 +84,7 @@ class SpanStream:
         self._deadlines = StepDeadlines.shared()
         self.push_token = b""
         self.awaiting: int | None = None  # step id the server awaits as a push (push mode), if any
-        self._stub = transport.stub(hop.server.address)
+        self._stub = transport.stub(hop.server.address, hop.server.record.tls_fingerprint)
         self._call = self._stub.Inference(iter(self._requests.get, _END))
         try:
             opened = self._exchange(

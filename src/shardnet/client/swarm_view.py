@@ -22,7 +22,7 @@ import hivemind
 from shardnet.client.health import ServerHealth
 from shardnet.client.transport import Transport
 from shardnet.dht import ServerState, ServerView, lookup, start_dht
-from shardnet.errors import ConfigError
+from shardnet.errors import ConfigError, ShardnetError
 from shardnet.models import derive_model_id, load_config, validate_model_id
 from shardnet.swarm_key import SwarmKey
 from shardnet.wire import pb
@@ -169,14 +169,16 @@ class SwarmView:
             future.result()
 
     def _ping_one(self, view: ServerView) -> None:
-        stub = self.transport.stub(view.address)
         try:
+            stub = self.transport.stub(view.address, view.record.tls_fingerprint)
             stub.Info(pb.InfoRequest(), timeout=self.ping_timeout_s)  # the first call opens the connection
             began = time.perf_counter()
             stub.Info(pb.InfoRequest(), timeout=self.ping_timeout_s)
             self.health.record_rtt(view.record.peer_id, time.perf_counter() - began)
         except grpc.RpcError as exc:
             self.health.report_failure(view.record.peer_id, f"does not answer pings ({exc.code().name})")
+        except ShardnetError as exc:  # e.g. its TLS certificate is not the one it announced
+            self.health.report_failure(view.record.peer_id, str(exc))
 
     # ---- lifetime ----
 

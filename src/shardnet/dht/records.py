@@ -50,6 +50,8 @@ class ServerRecord(pydantic.BaseModel):
     max_batch_size: pydantic.conint(strict=True, ge=0) = 0  # largest batch accepted; 0 = not announced
     quant: pydantic.constr(strict=True, regex="^(none|int8|nf4)$") = "none"  # weight-only quantization
     push: pydantic.StrictBool = False  # passes step outputs on to the next server (Push rpc)
+    # SHA-256 of the gRPC TLS certificate (hex); "" = plain gRPC. Clients pin it (wire/tls.py).
+    tls_fingerprint: pydantic.constr(strict=True, regex="^([0-9a-f]{64})?$") = ""
 
     @pydantic.validator("end")
     def _end_after_start(cls, end: int, values: dict) -> int:  # noqa: N805

@@ -38,9 +38,11 @@ from shardnet.server.reaper import IdleReaper
 from shardnet.server.request_rate import RequestRate
 from shardnet.server.servicer import ServerRuntime, ShardServicer, add_to_server
 from shardnet.server.sessions import SessionTable
+from shardnet.server.tls import default_state_dir, server_certificate
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION
 from shardnet.wire.call_auth import CALL_KEY_LABEL, CallSigner, CallVerifier, VerifyingInterceptor
+from shardnet.wire.tls import fingerprint
 
 logger = logging.getLogger(__name__)
 _UNARY_WORKERS = 4  # gRPC worker threads beyond one per session, for Info and Forward
@@ -98,6 +100,12 @@ class Server:
         self.max_position = max_position
         self._check_fit()
         self.span: tuple[int, int] | None = config.blocks  # chosen in run() for --num-blocks
+        self.tls: tuple[bytes, bytes] | None = None  # (certificate, key) PEM with TLS on
+        if config.uses_tls:  # a missing or unsafe key file fails here, before anything loads
+            self.tls = server_certificate(
+                config.tls_cert, config.tls_key, config.state_dir or default_state_dir()
+            )
+        self.tls_fingerprint = fingerprint(self.tls[0]) if self.tls else ""
         self.runtime = ServerRuntime(
             SessionTable(
                 config.max_cache_tokens,
@@ -166,11 +174,14 @@ class Server:
             max_length=self.max_length,
             max_batch_size=self.config.max_batch_size,
             push=True,
+            tls_fingerprint=self.tls_fingerprint,
         )
 
-    def _announced_addresses(self) -> set[str]:
-        """host:port of every server of this model in the DHT: the only addresses this one pushes to."""
-        return {view.address for views in lookup(self.dht, self.model_id, self.num_blocks) for view in views}
+    def _announced_addresses(self) -> dict[str, str]:
+        """host:port -> TLS fingerprint of every server of this model in the DHT: the only addresses this
+        one pushes to, each over TLS pinned to its certificate if it announced one."""
+        found = lookup(self.dht, self.model_id, self.num_blocks)
+        return {view.address: view.record.tls_fingerprint for views in found for view in views}
 
     def _load_backend(self) -> SpanBackend:
         start, end = self.span
@@ -210,7 +221,12 @@ class Server:
             interceptors=[VerifyingInterceptor(verifier)] if verifier else None,
         )
         add_to_server(ShardServicer(self.runtime), server)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.tls is not None:
+            certificate, key = self.tls
+            credentials = grpc.ssl_server_credentials([(key, certificate)])
+            self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
+        else:
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} (address in use or not local)")
         if verifier is not None:  # credentials name the address the caller dialed: the announced one

@@ -57,6 +57,10 @@ class ServerConfig:
     max_chunk_tokens: int = 1024  # largest compute chunk, batch x positions; other steps run between chunks
     batching: bool = True  # concurrent sessions' decode steps share one forward pass (max_chunk_tokens rows)
     swarm_key: SwarmKey | None = None  # a private swarm's key: sealed DHT records, signed gRPC calls
+    tls: bool = False  # gRPC over TLS with a self-signed certificate kept in state_dir (or tls_cert/tls_key)
+    tls_cert: Path | None = None  # PEM certificate for gRPC TLS (with tls_key; implies tls)
+    tls_key: Path | None = None  # its PEM private key, readable by its owner only
+    state_dir: Path | None = None  # where a server keeps its state (the made TLS certificate); None = default
     # gRPC keepalive, so a half-open connection (client machine gone without a FIN) ends its sessions: the
     # server pings each connection with open streams every keepalive_time_s, also when no data flows, and
     # drops it when an answer takes longer than keepalive_timeout_s. With 60 s + 20 s, a vanished client's
@@ -108,6 +112,10 @@ class ServerConfig:
             raise ConfigError("--announce-ttl must be positive and --drain-timeout non-negative")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError("--torch-threads must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "--tls-cert and --tls-key go together: pass both (or --tls for a made certificate)"
+            )
         for name in ("max_cache_tokens_per_client", "max_sessions_per_client"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -119,6 +127,10 @@ class ServerConfig:
             raise ConfigError(
                 "keepalive_time_s, keepalive_timeout_s and min_client_ping_interval_s must be positive"
             )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_cert is not None
 
     @property
     def client_cache_tokens(self) -> int:

@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from shardnet.errors import InvalidRequestError
+from shardnet.errors import InvalidRequestError, ShardnetError
 from shardnet.wire import pb, pb_grpc
-from shardnet.wire.call_auth import CallSigner, signed_channel
+from shardnet.wire.call_auth import CallSigner
+from shardnet.wire.channels import server_channel
 
 logger = logging.getLogger(__name__)
 ALLOWED_MAX_AGE_S = 1.0  # an address not yet seen is looked up again at most this often
@@ -28,47 +29,48 @@ ALLOWED_MAX_AGE_S = 1.0  # an address not yet seen is looked up again at most th
 class PushSender:
     def __init__(
         self,
-        announced_addresses: Callable[[], set[str]],
+        announced_addresses: Callable[[], dict[str, str]],
         channel_options: list[tuple[str, int]],
         timeout_s: float = 10.0,
         signer: CallSigner | None = None,
     ):
-        self._announced = announced_addresses  # host:port of this model's servers in the DHT (a look-up)
+        # host:port -> TLS fingerprint ("" = none) of this model's servers in the DHT (a look-up)
+        self._announced = announced_addresses
         self._options = channel_options
         self._signer = signer  # a private swarm's: pushes carry credentials like clients' calls
         self.timeout_s = timeout_s
-        self._allowed: set[str] = set()
+        self._allowed: dict[str, str] = {}
         self._checked_at = float("-inf")
-        self._stubs: dict[str, pb_grpc.ShardStub] = {}
+        self._stubs: dict[tuple[str, str], pb_grpc.ShardStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
         self.background = ThreadPoolExecutor(1, thread_name_prefix="push-abort")
 
-    def check_allowed(self, address: str) -> None:
-        """Refuse an address no server of this model announced. A miss is looked up again (at most once a
-        second), so a server that just joined, e.g. a replacement, is pushed to at once."""
+    def check_allowed(self, address: str) -> str:
+        """The TLS fingerprint the server at ``address`` announced ("" = none); refuse an address no server
+        of this model announced. A miss is looked up again (at most once a second), so a server that just
+        joined, e.g. a replacement, is pushed to at once."""
         with self._lock:
             if address in self._allowed:
-                return
+                return self._allowed[address]
             stale = time.monotonic() - self._checked_at >= ALLOWED_MAX_AGE_S
         if stale:
             allowed = self._announced()
             with self._lock:
                 self._allowed, self._checked_at = allowed, time.monotonic()
             if address in allowed:
-                return
+                return allowed[address]
         raise InvalidRequestError(f"push to {address}: no server of this model announced that address")
 
-    def _stub(self, address: str) -> pb_grpc.ShardStub:
+    def _stub(self, address: str, fingerprint: str) -> pb_grpc.ShardStub:
         with self._lock:
-            stub = self._stubs.get(address)
-            if stub is None:
-                channel = signed_channel(
-                    grpc.insecure_channel(address, options=self._options), self._signer, address
-                )
+            stub = self._stubs.get((address, fingerprint))
+        if stub is None:  # a TLS channel first reads the server's certificate: not under the lock
+            channel = server_channel(address, self._options, fingerprint, self._signer)
+            with self._lock:
                 self._channels.append(channel)
-                stub = self._stubs[address] = pb_grpc.ShardStub(channel)
-            return stub
+                stub = self._stubs.setdefault((address, fingerprint), pb_grpc.ShardStub(channel))
+        return stub
 
     def push(self, step: pb.Step, output: pb.Tensor) -> PendingPush:
         """Start sending ``output`` as the next hop's step; the caller replies to its client, then calls
@@ -82,21 +84,20 @@ class PushSender:
             pushed.hypo_ids.CopyFrom(hop.hypo_ids)
         pending = PendingPush(self, step)
         try:
-            self.check_allowed(hop.address)
-        except InvalidRequestError as exc:
+            stub = self._stub(hop.address, self.check_allowed(hop.address))
+        except ShardnetError as exc:  # not announced, or (TLS) not the certificate it announced
             pending.error = str(exc)
             return pending
         request = pb.PushRequest(push_token=hop.push_token, step=pushed)
-        pending.future = self._stub(hop.address).Push.future(request, timeout=self.timeout_s)
+        pending.future = stub.Push.future(request, timeout=self.timeout_s)
         return pending
 
     def abort(self, hop: pb.NextHop, error: str) -> None:
         """Tell ``hop`` (the route's last server, which the client waits on) that its step will not come."""
         request = pb.PushRequest(push_token=hop.push_token, step=pb.Step(step_id=hop.step_id), abort=error)
         try:
-            self.check_allowed(hop.address)
-            self._stub(hop.address).Push(request, timeout=self.timeout_s)
-        except (InvalidRequestError, grpc.RpcError) as exc:
+            self._stub(hop.address, self.check_allowed(hop.address)).Push(request, timeout=self.timeout_s)
+        except (ShardnetError, grpc.RpcError) as exc:
             logger.info("could not tell %s that the route broke: %s", hop.address, exc)
 
     def close(self) -> None:
