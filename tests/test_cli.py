@@ -92,7 +92,17 @@ def test_status_needs_peers(llama_24, monkeypatch):
     _assert_one_line_error(_run("status", "--model", str(llama_24)), "--initial-peers")
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--session-idle-timeout", "0"), ("--max-chunk-tokens", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--session-idle-timeout", "0"),
+        ("--max-chunk-tokens", "0"),
+        ("--max-requests-per-s", "0"),
+        ("--max-sessions-per-client", "0"),
+        ("--max-cache-tokens-per-client", "-1"),
+        ("--tls-cert", "cert.pem"),  # without --tls-key
+    ],
+)
 def test_bad_pressure_limits(llama_24, flag, value):
     _assert_one_line_error(_run("serve", "--model", str(llama_24), "--blocks", "0:1", flag, value), flag)
 
@@ -105,3 +115,13 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     ).save_pretrained(tmp_path)
     result = _run("serve", "--model", str(tmp_path), "--blocks", "0:1")
     _assert_one_line_error(result, "'bert' is not supported", "llama", "gemma3_text", "gpt2", "qwen2_moe")
+
+
+def test_a_swarm_key_file_others_can_read_is_refused(llama_24, tmp_path):
+    from shardnet.swarm_key import SwarmKey
+
+    key = tmp_path / "swarm.key"
+    SwarmKey.generate().write(key)
+    key.chmod(0o640)
+    result = _run("serve", "--model", str(llama_24), "--blocks", "0:1", "--swarm-key-file", str(key))
+    _assert_one_line_error(result, "accessible to other users", f"chmod 600 {key}")
