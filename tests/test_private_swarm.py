@@ -28,7 +28,7 @@ from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
 from shardnet.wire.call_auth import CALL_KEY_LABEL, HEADER, MAX_SKEW_S, CallSigner, CallVerifier
 
-from .conftest import reference
+from .conftest import reference, shardnet_status
 
 INFO = "/shardnet.v1.Shard/Info"
 
@@ -231,3 +231,12 @@ def test_a_client_without_the_key_finds_no_route(private_swarm, llama_untied):
             model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
     finally:
         model.close()
+
+
+def test_status_lists_the_servers_for_members_only(private_swarm, key_file):
+    import json
+
+    members = json.loads(shardnet_status(private_swarm, "--json", "--swarm-key-file", str(key_file)))
+    strangers = json.loads(shardnet_status(private_swarm, "--json"))
+    assert len(members["servers"]) == 2
+    assert strangers["servers"] == []
