@@ -310,27 +310,23 @@ def _decoded(requests: Iterator) -> Iterator:
 
 def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
     """Register ``servicer`` like the generated ``add_ShardServicer_to_server``, with lenient decoding."""
+    unary = (
+        ("Info", pb.InfoRequest, pb.InfoResponse),
+        ("Forward", pb.ForwardRequest, pb.ForwardResponse),
+        ("Push", pb.PushRequest, pb.PushAck),
+    )
     handlers = {
-        "Info": grpc.unary_unary_rpc_method_handler(
-            _unary(servicer.Info),
-            request_deserializer=_lenient(pb.InfoRequest),
-            response_serializer=pb.InfoResponse.SerializeToString,
-        ),
-        "Forward": grpc.unary_unary_rpc_method_handler(
-            _unary(servicer.Forward),
-            request_deserializer=_lenient(pb.ForwardRequest),
-            response_serializer=pb.ForwardResponse.SerializeToString,
-        ),
-        "Inference": grpc.stream_stream_rpc_method_handler(
-            lambda requests, context: servicer.Inference(_decoded(requests), context),
-            request_deserializer=_lenient(pb.InferenceRequest),
-            response_serializer=pb.InferenceResponse.SerializeToString,
-        ),
-        "Push": grpc.unary_unary_rpc_method_handler(
-            _unary(servicer.Push),
-            request_deserializer=_lenient(pb.PushRequest),
-            response_serializer=pb.PushAck.SerializeToString,
-        ),
+        name: grpc.unary_unary_rpc_method_handler(
+            _unary(getattr(servicer, name)),
+            request_deserializer=_lenient(request),
+            response_serializer=response.SerializeToString,
+        )
+        for name, request, response in unary
     }
+    handlers["Inference"] = grpc.stream_stream_rpc_method_handler(
+        lambda requests, context: servicer.Inference(_decoded(requests), context),
+        request_deserializer=_lenient(pb.InferenceRequest),
+        response_serializer=pb.InferenceResponse.SerializeToString,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
