@@ -329,3 +329,32 @@ def test_a_flood_of_calls_is_resource_exhausted_then_served_again(llama_untied, 
             stub.Info(pb.InfoRequest(), timeout=10)  # refilled
     finally:
         swarm.stop()
+
+
+def test_a_20_mib_prefill_goes_through_with_the_default_limits(tmp_path):
+    """A 2048-token prefill of a 13B-class model is 20 MiB in float16 (hidden 5120). Here the same bytes:
+    4 x 2048 positions of hidden 640 in float32 (20 MiB each way) through a server with default flags."""
+    from shardnet import ShardedModel
+
+    from .conftest import make_llama, reference
+
+    path = make_llama(
+        tmp_path / "wide",
+        hidden_size=640,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=10,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+    swarm = LocalSwarm(path, [(0, 2)], log_dir=tmp_path, torch_threads=1)
+    swarm.start(timeout_s=120)
+    try:
+        ids = torch.randint(3, 256, (4, 2048), generator=torch.Generator().manual_seed(2))
+        assert 4 * 2048 * 640 * 4 == 20 << 20
+        with ShardedModel.from_pretrained(path, swarm.initial_peers, max_retries=0) as model, torch.no_grad():
+            got = model(ids).logits
+            want = reference(path)(ids).logits
+        assert (got - want).abs().max().item() <= 1e-3
+    finally:
+        swarm.stop()
