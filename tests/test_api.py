@@ -365,6 +365,7 @@ def tiny_with_tokenizer(smollm2_path, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow  # before a release: pytest -m slow (README "Tests")
 def test_demo_api_serves_then_stops_everything(tiny_with_tokenizer):
     process = _shardnet(
         "demo", "--api", "--port", "0", "--servers", "2", "--model", str(tiny_with_tokenizer),

@@ -160,6 +160,7 @@ def test_two_servers_choosing_three_blocks_cover_six(llama_untied, tmp_path):
         swarm.stop()
 
 
+@pytest.mark.slow  # before a release: pytest -m slow (README "Tests")
 def test_two_servers_started_together_cover_six(llama_untied, tmp_path):
     """Started at the same moment, each may choose before the other has announced; the second look
     after announcing splits them (the lower peer id stays)."""

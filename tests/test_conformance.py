@@ -23,6 +23,7 @@ assert PROMPT_LEN > WINDOW
 
 
 ORDER = list(ARCHITECTURES)
+LAUNCH_AHEAD = 2  # swarms loading while one is tested: their imports fill the cores the tests leave idle
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +51,14 @@ def launched(tmp_path_factory):
 @pytest.fixture(scope="module", params=ORDER)
 def served(request, launched):
     """(swarm client, local transformers model) for one architecture; the swarm stops with the module's
-    last test of that architecture. The next architecture's swarm starts now, so its processes load while
-    this one is tested (no client exists yet: the DHT node it forks sees no gRPC call in flight)."""
+    last test of that architecture. The next architectures' swarms start now, so their processes load
+    while this one is tested (started before this test's client: no DHT fork sees a gRPC call in flight)."""
     pending, launch = launched
     arch = request.param
     path, swarm = pending.pop(arch, None) or launch(arch)
-    following = ORDER.index(arch) + 1
-    if following < len(ORDER) and ORDER[following] not in pending:
-        pending[ORDER[following]] = launch(ORDER[following])
+    for following in ORDER[ORDER.index(arch) + 1 :][:LAUNCH_AHEAD]:
+        if following not in pending:
+            pending[following] = launch(following)
     try:
         swarm.wait_ready(timeout_s=180)
         client = ShardedModel.from_pretrained(path, swarm.initial_peers)

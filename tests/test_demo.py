@@ -127,6 +127,7 @@ def test_demo_runs_and_leaves_no_processes(smollm2_path):
     assert not _alive(children)
 
 
+@pytest.mark.slow  # before a release: pytest -m slow (README "Tests")
 def test_ctrl_c_stops_the_swarm(smollm2_path):
     # Its own process group, so that killpg stands for Ctrl-C at a terminal: every process in the
     # foreground group gets SIGINT.

@@ -80,6 +80,7 @@ def test_kill_9_after_5th_token_fails_over_to_a_wider_server(swarm, local, batch
     assert (route[0].server.record.start, route[0].server.record.end) == (0, 6)
 
 
+@pytest.mark.slow  # before a release: pytest -m slow (README "Tests")
 def test_failover_over_two_replacements_with_other_boundaries(swarm, local):
     ids, _ = _prompt(1, seed=1)
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -212,6 +213,7 @@ def test_a_bad_request_is_raised_at_once_without_failover(swarm):
             session.close()
 
 
+@pytest.mark.slow  # before a release: pytest -m slow (README "Tests")
 def test_group_sigterm_during_generation_drains_and_the_tokens_stay_the_same(llama_untied, local, tmp_path):
     """Ctrl-C / systemctl-style stop of a server in use: it drains, the client moves to a replica when
     the drain ends, the tokens are those of a run without the stop, and nothing of the server remains."""

@@ -58,6 +58,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # before a release: pytest -m slow (README "Tests")
 def test_swarm_children_exit_when_their_launcher_is_killed(llama_untied):
     """Children run in their own session (no Ctrl-C storm); SIGKILL of the launcher must still end them."""
     import subprocess
