@@ -289,7 +289,7 @@ class Server:
             maddrs = visible_maddrs(self.dht)
             logger.info(
                 "shardnet server ready: model=%s blocks=%d:%d device=%s dtype=%s quant=%s grpc=%s:%d "
-                "(listening on %s:%d) dht=%s load=%.1fs throughput=%.1f steps/s",
+                "(listening on %s:%d) tls=%s swarm=%s dht=%s load=%.1fs throughput=%.1f steps/s",
                 self.model_id,
                 *self.span,
                 describe_device(self.device),
@@ -299,6 +299,8 @@ class Server:
                 cfg.dial_port(self.port),
                 cfg.host,
                 self.port,
+                f"sha256:{self.tls_fingerprint}" if self.tls_fingerprint else "off",
+                "private" if cfg.swarm_key else "public",
                 maddrs[0] if maddrs else "?",
                 time.perf_counter() - began,
                 throughput,
