@@ -184,6 +184,7 @@ def _catalogue(swarm, channel) -> list[tuple[str, callable, C]]:
         ("wrong hidden size", _forward(swarm, torch.randn(1, 3, HIDDEN + 1)), C.INVALID_ARGUMENT),
         ("negative dimension", _forward(swarm, hidden_states=pb.Tensor(dtype="float32", shape=[1, -3, HIDDEN], data=b"")), C.INVALID_ARGUMENT),
         ("huge dimensions", _forward(swarm, hidden_states=pb.Tensor(dtype="float32", shape=[1 << 40, 1 << 40, HIDDEN], data=b"\0" * 4)), C.INVALID_ARGUMENT),
+        ("no elements but huge dimensions", _forward(swarm, hidden_states=pb.Tensor(dtype="float32", shape=[6890427, 3100095, 446506, 1445, 0], data=b"")), C.INVALID_ARGUMENT),
         ("truncated tensor", _forward(swarm, hidden_states=bad_tensor), C.INVALID_ARGUMENT),
         ("NaN in hidden states", _forward(swarm, nan), C.INVALID_ARGUMENT),
         ("negative positions", _forward(swarm, position_ids=serialize(torch.tensor([[-5, 0, 1]]))), C.INVALID_ARGUMENT),

@@ -36,6 +36,8 @@ def test_non_contiguous_views_travel_as_their_values():
         pb.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 15),
         pb.Tensor(dtype="float32", shape=[-1], data=b""),
         pb.Tensor(dtype="float32", shape=[1] * 9, data=b"\0" * 4),
+        # no elements, but strides past int64: found by the long fuzz (tests/test_attack.py -m fuzz)
+        pb.Tensor(dtype="float32", shape=[6890427, 3100095, 446506, 1445, 0], data=b""),
     ],
 )
 def test_malformed_tensors_are_invalid_requests(message):

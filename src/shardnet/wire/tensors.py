@@ -22,6 +22,7 @@ FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 # Bits of a float's exponent: all set means Inf or NaN. bfloat16 has no numpy dtype, so it is checked so.
 _EXPONENT = {"float32": ("<u4", 0x7F800000), "float16": ("<u2", 0x7C00), "bfloat16": ("<u2", 0x7F80)}
 MAX_DIMS = 8
+MAX_ELEMENTS = 1 << 40  # far beyond any message's bytes; keeps torch's stride arithmetic in int64
 
 
 def serialize(tensor: torch.Tensor, max_bytes: int | None = None) -> pb.Tensor:
@@ -48,6 +49,9 @@ def deserialize(message: pb.Tensor, allowed: frozenset[str] | None = None) -> to
     shape = list(message.shape)
     if len(shape) > MAX_DIMS or any(dim < 0 for dim in shape):
         raise InvalidRequestError(f"tensor shape {shape} is invalid")
+    # Also with a zero among them, torch computes strides from the other dims: bound them all.
+    if math.prod(max(dim, 1) for dim in shape) > MAX_ELEMENTS:
+        raise InvalidRequestError(f"tensor shape {shape} is too large")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
     if len(message.data) != expected:
