@@ -70,7 +70,7 @@ def test_status_json_and_table_show_load_and_counts(one_server):
         assert "1 servers" in table and "open" in table and "served" in table
         assert "blocks with no online server: 4:6" in table
         [row] = [line for line in table.splitlines() if view.address in line]
-        assert row.split()[2:4] == ["0:4", "online"] and row.split()[-2:] == ["1", "1"]
+        assert row.split()[2:4] == ["0:4", "online"] and row.split()[-3:] == ["1", "1", "no"]
     finally:
         requests.put(None)
         responses.cancel()

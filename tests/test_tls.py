@@ -95,3 +95,15 @@ def test_a_server_presenting_another_certificate_is_refused(tls_swarm, tmp_path)
             impostor.stop(None)
     finally:
         transport.close()
+
+
+def test_status_shows_which_servers_speak_tls(tls_swarm):
+    import json
+
+    from .conftest import shardnet_status
+
+    swarm, _ = tls_swarm
+    document = json.loads(shardnet_status(swarm, "--json"))
+    assert {len(server["tls_fingerprint"]) for server in document["servers"]} == {64}
+    rows = shardnet_status(swarm).splitlines()
+    assert rows[1].endswith("tls") and all(row.endswith("yes") for row in rows[2:4])
