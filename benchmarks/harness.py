@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy
-import openmp_env  # noqa: F401  (before torch: it sets how long OpenMP threads spin)
+import process_env  # noqa: F401  (before torch and hivemind: shardnet's environment defaults)
 import psutil
 import torch
 import transformers

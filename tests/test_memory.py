@@ -40,7 +40,7 @@ def _server_rss(model_path, span, logs) -> tuple[int, list[str]]:
 def test_rss_grows_with_span_not_model(llama_16, tmp_path):
     small, children = _server_rss(llama_16, (0, 2), tmp_path)
     full, _ = _server_rss(llama_16, (0, BLOCKS), tmp_path)
-    # Only the DHT node's process and its p2pd: no torch_shm_manager (shardnet/shm_sharing.py).
+    # Only the DHT node's process and its p2pd: no torch_shm_manager (shardnet/process_env.py).
     assert "torch_shm_manager" not in children and "p2pd" in children, children
     mib = 1 << 20
     logger.info(

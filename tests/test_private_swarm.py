@@ -26,7 +26,7 @@ from shardnet.launch import LocalSwarm
 from shardnet.swarm_key import SwarmKey
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
-from shardnet.wire.call_auth import CALL_KEY_LABEL, HEADER, MAX_SKEW_S, CallSigner, CallVerifier
+from shardnet.wire.call_auth import HEADER, MAX_SKEW_S, CallSigner, CallVerifier
 
 from .conftest import reference, shardnet_status
 
@@ -81,7 +81,7 @@ def test_key_files_others_can_read_short_or_missing_are_refused(tmp_path):
 
 
 def test_a_credential_is_good_once_for_its_server_method_and_key():
-    key = SwarmKey.generate().derive(CALL_KEY_LABEL)
+    key = SwarmKey.generate()
     now = [1000.0]
     verifier = CallVerifier(key, ["127.0.0.1:5000"], clock=lambda: now[0])
     signer = CallSigner(key, clock=lambda: now[0])
@@ -90,7 +90,7 @@ def test_a_credential_is_good_once_for_its_server_method_and_key():
     assert "already used" in verifier.refusal(credential, INFO)
     assert "another" in verifier.refusal(signer.credential("127.0.0.1:5001", INFO), INFO)
     assert "another" in verifier.refusal(signer.credential("127.0.0.1:5000", INFO), "/shardnet.v1.Shard/Step")
-    stranger = CallSigner(SwarmKey.generate().derive(CALL_KEY_LABEL), clock=lambda: now[0])
+    stranger = CallSigner(SwarmKey.generate(), clock=lambda: now[0])
     assert "another" in verifier.refusal(stranger.credential("127.0.0.1:5000", INFO), INFO)
     old = signer.credential("127.0.0.1:5000", INFO)
     now[0] += MAX_SKEW_S + 1
@@ -167,7 +167,7 @@ def test_without_the_key_every_call_is_unauthenticated(private_swarm):
 
 
 def test_a_captured_credential_is_refused_when_replayed_now_or_later(private_swarm, key_file):
-    key = SwarmKey.from_file(key_file).derive(CALL_KEY_LABEL)
+    key = SwarmKey.from_file(key_file)
     address = _addresses(private_swarm)[0]
     captured = CallSigner(key).credential(address, INFO)
     stale = CallSigner(key, clock=lambda: time.time() - MAX_SKEW_S - 60).credential(address, INFO)

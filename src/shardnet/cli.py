@@ -17,8 +17,7 @@ from typing import NoReturn
 
 from shardnet.cli_flags import build_parser, initial_peers, swarm_key
 from shardnet.errors import ShardnetError
-from shardnet.openmp import prefer_short_spin
-from shardnet.shm_sharing import prefer_fd_sharing
+from shardnet.process_env import apply_defaults
 
 logger = logging.getLogger("shardnet.cli")
 
@@ -205,7 +204,7 @@ def _exit_at_once(code: int) -> NoReturn:
     Finalizing an interpreter that imported torch, transformers and hivemind took 8-15 s on a busy
     2-core machine, during which a supervisor sees a server that logged "stopped" but has not exited.
     Nothing is left to release by then: the gRPC server is stopped, the DHT process joined, and the
-    kernel closes our sockets and the file descriptors of shared memory (shardnet/shm_sharing.py).
+    kernel closes our sockets and the file descriptors of shared memory (shardnet/process_env.py).
     """
     logging.shutdown()
     sys.stdout.flush()
@@ -255,8 +254,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prefer_short_spin()  # before anything loads torch (see shardnet/openmp.py)
-    prefer_fd_sharing()  # before anything loads hivemind (see shardnet/shm_sharing.py)
+    apply_defaults()  # before anything loads torch or hivemind (see shardnet/process_env.py)
     args = build_parser().parse_args(argv)
     _exit_with_parent()
     _configure_logging(args)

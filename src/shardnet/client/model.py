@@ -28,7 +28,7 @@ from shardnet.devices import HOST, make_current, resolve_device
 from shardnet.errors import ConfigError, GenerationError
 from shardnet.models import Checkpoint, ClientHead, adapter_for, load_config
 from shardnet.swarm_key import SwarmKey
-from shardnet.wire.call_auth import CALL_KEY_LABEL, CallSigner
+from shardnet.wire.call_auth import CallSigner
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         except OSError:
             generation_config = GenerationConfig.from_model_config(config)
         # The DHT first: hivemind forks its process, which must happen before gRPC channels exist.
-        signer = CallSigner(key.derive(CALL_KEY_LABEL)) if key is not None else None
+        signer = CallSigner(key) if key is not None else None
         transport = Transport(max_message_bytes, signer)  # no channel exists before the first call
         swarm = SwarmView.connect(
             model_path,

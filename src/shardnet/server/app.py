@@ -41,7 +41,7 @@ from shardnet.server.sessions import SessionTable
 from shardnet.server.tls import default_state_dir, server_certificate
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION
-from shardnet.wire.call_auth import CALL_KEY_LABEL, CallSigner, CallVerifier, VerifyingInterceptor
+from shardnet.wire.call_auth import CallSigner, CallVerifier, VerifyingInterceptor
 from shardnet.wire.tls import fingerprint
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class Server:
         # refused with RESOURCE_EXHAUSTED instead of queueing behind idle streams.
         workers = cfg.max_sessions + _UNARY_WORKERS
         # A private swarm's server refuses every call without a member's credential (wire/call_auth.py).
-        verifier = CallVerifier(cfg.swarm_key.derive(CALL_KEY_LABEL)) if cfg.swarm_key else None
+        verifier = CallVerifier(cfg.swarm_key) if cfg.swarm_key else None
         server = grpc.server(
             ThreadPoolExecutor(workers, thread_name_prefix="grpc"),
             options=grpc_options(cfg.max_message_bytes) + keepalive_options(cfg),
@@ -262,7 +262,7 @@ class Server:
                 placement = self._placement()
                 first = await asyncio.to_thread(placement.first_look)
                 self.span = first.span
-            signer = CallSigner(cfg.swarm_key.derive(CALL_KEY_LABEL)) if cfg.swarm_key else None
+            signer = CallSigner(cfg.swarm_key) if cfg.swarm_key else None
             self.runtime.push = PushSender(
                 self._announced_addresses, grpc_options(cfg.max_message_bytes), signer=signer
             )

@@ -46,7 +46,7 @@ class PushSender:
         self._lock = threading.Lock()
         self.background = ThreadPoolExecutor(1, thread_name_prefix="push-abort")
 
-    def check_allowed(self, address: str) -> str:
+    def announced_fingerprint(self, address: str) -> str:
         """The TLS fingerprint the server at ``address`` announced ("" = none); refuse an address no server
         of this model announced. A miss is looked up again (at most once a second), so a server that just
         joined, e.g. a replacement, is pushed to at once."""
@@ -84,7 +84,7 @@ class PushSender:
             pushed.hypo_ids.CopyFrom(hop.hypo_ids)
         pending = PendingPush(self, step)
         try:
-            stub = self._stub(hop.address, self.check_allowed(hop.address))
+            stub = self._stub(hop.address, self.announced_fingerprint(hop.address))
         except ShardnetError as exc:  # not announced, or (TLS) not the certificate it announced
             pending.error = str(exc)
             return pending
@@ -96,7 +96,9 @@ class PushSender:
         """Tell ``hop`` (the route's last server, which the client waits on) that its step will not come."""
         request = pb.PushRequest(push_token=hop.push_token, step=pb.Step(step_id=hop.step_id), abort=error)
         try:
-            self._stub(hop.address, self.check_allowed(hop.address)).Push(request, timeout=self.timeout_s)
+            self._stub(hop.address, self.announced_fingerprint(hop.address)).Push(
+                request, timeout=self.timeout_s
+            )
         except (ShardnetError, grpc.RpcError) as exc:
             logger.info("could not tell %s that the route broke: %s", hop.address, exc)
 

@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from shardnet.swarm_key import SwarmKey
+
 HEADER = "x-shardnet-auth"
 VERSION = "v1"
 MAX_SKEW_S = 300.0  # how far a caller's clock may be from the server's (Kerberos' default skew)
 NONCE_BYTES = 16
-CALL_KEY_LABEL = "grpc-call"  # SwarmKey.derive label of the key that signs calls
+_KEY_LABEL = "grpc-call"  # SwarmKey.derive label of the key that signs calls
 _MAX_NONCES = 1_000_000  # nonces remembered; beyond that, new calls are refused until old ones expire
 
 
@@ -48,8 +50,8 @@ def _method_name(method: str | bytes) -> str:
 class CallSigner:
     """Makes the credential of one call to one server address."""
 
-    def __init__(self, key: bytes, clock: Callable[[], float] = time.time):
-        self._key = key
+    def __init__(self, swarm_key: SwarmKey, clock: Callable[[], float] = time.time):
+        self._key = swarm_key.derive(_KEY_LABEL)
         self._clock = clock
 
     def credential(self, target: str, method: str) -> str:
@@ -61,8 +63,10 @@ class CallSigner:
 class CallVerifier:
     """Checks a call's credential on a server; remembers nonces while they are fresh."""
 
-    def __init__(self, key: bytes, addresses: Iterable[str] = (), clock: Callable[[], float] = time.time):
-        self._key = key
+    def __init__(
+        self, swarm_key: SwarmKey, addresses: Iterable[str] = (), clock: Callable[[], float] = time.time
+    ):
+        self._key = swarm_key.derive(_KEY_LABEL)
         self._clock = clock
         self._addresses: tuple[str, ...] = tuple(addresses)
         self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()  # nonce -> expiry

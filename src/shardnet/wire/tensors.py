@@ -68,7 +68,7 @@ def check_finite(message: pb.Tensor, name: str) -> None:
     """Refuse (InvalidRequestError) a float tensor holding NaN or Inf; call it after ``deserialize``.
 
     It reads the raw bytes with numpy, on the calling thread alone: torch would start a thread team of
-    its own on a gRPC thread for a large tensor, which slows the server's compute (``openmp.py``).
+    its own on a gRPC thread for a large tensor, which slows the server's compute (``server/compute_queue.py``).
     """
     bits = _EXPONENT.get(message.dtype)
     if bits is None or not message.data:
