@@ -1,6 +1,6 @@
 """Every decoding mode of transformers' own generate(), through a real 3-server swarm, equals local
-transformers token for token in float32: ShardedModel is a transformers model whose past_key_values is
-a RemoteCache standing for the servers' caches.
+transformers token for token in float32: ShardedModel is a transformers model whose cache (``cache``,
+``past_key_values`` before transformers 5.24) is a RemoteCache standing for the servers' caches.
 
 The tiny random Llama uses SmolLM2's tokenizer (stop strings, streamers and pipeline need a real
 one); SmolLM2 itself is checked greedy and with beams on a shared 2-server swarm.
@@ -23,6 +23,7 @@ from transformers import (
 from shardnet import ShardedModel
 from shardnet.client.remote_cache import RemoteCache
 from shardnet.launch import LocalSwarm
+from shardnet.models.hf_compat import cache_in
 
 from .conftest import make_llama, noisy_draft, reference
 
@@ -85,9 +86,16 @@ def test_is_a_transformers_model_with_a_remote_cache(client, tokenizer):
     assert isinstance(client, PreTrainedModel) and isinstance(client, GenerationMixin)
     inputs = _prompts(tokenizer)
     cache = client.new_cache(max_length=32)
-    out = client(**inputs, past_key_values=cache)
-    assert out.past_key_values is cache and isinstance(cache, RemoteCache)
-    assert cache.get_seq_length() == inputs["input_ids"].shape[1]
+    out = client(**inputs, cache=cache)
+    assert cache_in(out) is cache and isinstance(cache, RemoteCache)
+    seen = inputs["input_ids"].shape[1]
+    assert cache.get_seq_length() == seen
+    # The name transformers used before 5.24 keeps working, whichever version is installed.
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+    out = client(out.logits[:, -1].argmax(-1, keepdim=True), attention_mask=mask, past_key_values=cache)
+    assert cache_in(out) is cache and cache.get_seq_length() == seen + 1
+    with pytest.raises(TypeError, match="not both"):
+        client(inputs["input_ids"][:, -1:], cache=cache, past_key_values=cache)
     cache.close()
 
 
@@ -125,7 +133,7 @@ def test_return_dict_with_scores_and_logits_matches(client, local, tokenizer):
         finite = torch.isfinite(theirs)
         assert torch.equal(finite, torch.isfinite(mine))
         assert (mine[finite] - theirs[finite]).abs().max().item() <= 1e-4
-    got.past_key_values.close()  # returned with the output: it is the caller's to close (or drop)
+    cache_in(got).close()  # returned with the output: it is the caller's to close (or drop)
 
 
 def test_beam_search_scores_match(client, local, tokenizer):

@@ -24,6 +24,7 @@ from shardnet.client.remote_cache import RemoteCache
 from shardnet.client.routing import RouteHop
 from shardnet.client.session import InferenceSession
 from shardnet.errors import GenerationError
+from shardnet.models.hf_compat import cache_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Conversation:
         send = full_ids.shape[1] - cache.get_seq_length()
         positions = generation_positions(full_mask)[:, -send:]  # as generate() numbers them
         out = model_forward(
-            full_ids[:, -send:], attention_mask=full_mask, position_ids=positions, past_key_values=cache
+            full_ids[:, -send:], attention_mask=full_mask, position_ids=positions, cache=cache
         )
         self.ids, self.mask = full_ids, full_mask
         out.logits = out.logits[:, -ids.shape[1] :]
@@ -122,7 +123,7 @@ class Conversation:
         rows = beams if beams > 1 else int(resolved.num_return_sequences or 1)
         cache = self._cache_for(full_ids.shape[0] * rows)
         out = model_generate(
-            full_ids, generation_config=config, attention_mask=full_mask, past_key_values=cache, **kwargs
+            full_ids, generation_config=config, attention_mask=full_mask, **cache_kwargs(cache), **kwargs
         )
         sequences = out.sequences if isinstance(out, ModelOutput) else out
         seen = self.ids.shape[1] if self.ids is not None else 0

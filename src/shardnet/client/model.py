@@ -26,20 +26,21 @@ from shardnet.client.swarm_view import SwarmView
 from shardnet.client.transport import Transport
 from shardnet.devices import HOST, make_current, resolve_device
 from shardnet.errors import ConfigError, GenerationError
-from shardnet.models import Checkpoint, ClientHead, adapter_for, load_config
+from shardnet.models import Checkpoint, ClientHead, adapter_for, hf_compat, load_config
 from shardnet.swarm_key import SwarmKey
 from shardnet.wire.call_auth import CallSigner
 
 logger = logging.getLogger(__name__)
 
 
-class ShardedModel(PreTrainedModel, GenerationMixin):
+class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationMixin):
     """A transformers causal LM whose decoder blocks run on the swarm; embeddings, final norm and LM
     head run here.
 
-    ``model(input_ids, attention_mask=..., past_key_values=...)`` returns ``CausalLMOutputWithPast``;
-    ``past_key_values`` is a ``RemoteCache`` standing for the servers' KV caches, so transformers' own
-    ``generate()`` runs unchanged: greedy, sampling, beam search, assisted decoding, stop strings,
+    ``model(input_ids, attention_mask=..., cache=...)`` returns ``CausalLMOutputWithPast``; the cache
+    (``cache=``, or ``past_key_values=`` as transformers before 5.24 named it: both are accepted) is a
+    ``RemoteCache`` standing for the servers' KV caches, so transformers' own ``generate()`` runs
+    unchanged: greedy, sampling, beam search, assisted decoding, stop strings,
     streamers, ``pipeline("text-generation")``. ``model.inference_session(max_length)`` keeps the
     servers' caches across calls, which then take the new tokens only. One model may be used from
     many threads at once: each ``generate`` has its own session, and an ``inference_session`` belongs
@@ -48,15 +49,6 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
 
     config_class = PretrainedConfig
     main_input_name = "input_ids"
-    # Attention runs on the servers: any implementation named in the config is theirs to pick.
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True  # mixture-of-experts layers run on the servers too (qwen2_moe, mixtral)
 
     def __init__(
         self,
@@ -229,7 +221,7 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
             conversation.close()
 
     def new_cache(self, max_length: int) -> RemoteCache:
-        """An empty cache for ``max_length`` positions, to pass as ``past_key_values`` in a hand-written loop."""
+        """An empty cache for ``max_length`` positions, to pass as ``cache`` in a hand-written loop."""
         return RemoteCache(self._open_chain, max_length)
 
     # ---- what transformers needs of a model ----
@@ -245,7 +237,7 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: RemoteCache | None = None,
+        cache: RemoteCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -260,6 +252,8 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         With a ``RemoteCache`` the positions extend the servers' caches; without one the call is stateless
         (nothing stays on the servers). Inside ``inference_session`` the tokens extend the session.
         """
+        if "past_key_values" in kwargs:  # the name before transformers 5.24, whose generate() passes it
+            cache = hf_compat.pop_cache({"cache": cache, "past_key_values": kwargs.pop("past_key_values")})
         if kwargs:  # as transformers' models do: generate() forwards what it was given (tokenizer, ...)
             logger.debug("forward() ignores %s", ", ".join(sorted(kwargs)))
         if output_attentions or output_hidden_states:
@@ -269,16 +263,13 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         input_ids = None if input_ids is None else _as_ids(input_ids)
         attention_mask = None if attention_mask is None else attention_mask.to(HOST, torch.long)
         conversation = self._conversation.get()
-        if past_key_values is None and conversation is not None and input_ids is not None:
+        if cache is None and conversation is not None and input_ids is not None:
             out = conversation.forward(self.forward, input_ids, attention_mask)
             self.last_route = conversation.route
             return out
-        if past_key_values is not None and not isinstance(past_key_values, RemoteCache):
-            raise GenerationError(
-                f"past_key_values must be a RemoteCache (the servers' caches), not {type(past_key_values).__name__}"
-            )
+        _require_remote(cache)
         batch, new = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:  # as transformers' forward: the positions after the cached ones
             position_ids = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)
         position_ids = position_ids.to(HOST, torch.long)[:, -new:]
@@ -292,9 +283,9 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         hidden = self.head.embed(input_ids, position_ids, inputs_embeds).to(
             self.dtype
         )  # [batch, new, hidden]
-        if past_key_values is not None:
-            hidden = past_key_values.step(hidden.to(HOST), step_mask, position_ids)
-            self.last_route = past_key_values.route
+        if cache is not None:
+            hidden = cache.step(hidden.to(HOST), step_mask, position_ids)
+            self.last_route = cache.route
         else:
             hidden, self.last_route = forward_through_swarm(
                 self.planner,
@@ -315,22 +306,13 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits.float(), labels.to(logits.device), self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **hf_compat.cache_kwargs(cache))
 
-    def _prepare_cache_for_generation(
-        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
-    ) -> None:
+    def prepare_remote_cache(self, cache, generation_config: GenerationConfig, max_cache_length: int) -> None:
         """generate() runs on a RemoteCache sized for this generation (the servers reserve it)."""
-        cache = model_kwargs.get("past_key_values")
-        if cache is None:
-            return  # use_cache=False: every step is a stateless forward of the whole sequence
-        if not isinstance(cache, RemoteCache):
-            raise GenerationError(
-                f"past_key_values must be a RemoteCache (the servers' caches), not {type(cache).__name__}"
-            )
+        _require_remote(cache)
         if generation_config.cache_implementation is not None:
             raise GenerationError("cache_implementation does not apply: the KV caches live on the servers")
-        cache._is_user_defined = True
         cache.reserve(max_cache_length + 1)
 
     # ---- generate ----
@@ -347,25 +329,30 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
             inputs = kwargs.pop("input_ids")
         if isinstance(inputs, list | tuple):
             inputs = _as_ids(inputs)
+        given = hf_compat.pop_cache(kwargs)  # `cache=` or `past_key_values=`, whichever the caller used
         conversation = self._conversation.get()
-        if conversation is not None and kwargs.get("past_key_values") is None and inputs is not None:
+        if conversation is not None and given is None and inputs is not None:
             mask = kwargs.pop("attention_mask", None)
             device = inputs.device
             inputs = _as_ids(inputs)
-            out = conversation.generate(super().generate, generation_config, inputs, mask, kwargs)
+            with hf_compat.upstream_noise_dropped(assisted=kwargs.get("assistant_model") is not None):
+                out = conversation.generate(super().generate, generation_config, inputs, mask, kwargs)
             self.last_route = conversation.route
             return _to_device(out, device)
         use_cache = kwargs.get("use_cache", (generation_config or self.generation_config).use_cache)
-        if kwargs.get("past_key_values") is not None or use_cache is False:
-            return super().generate(inputs, generation_config, **kwargs)
+        quiet = hf_compat.upstream_noise_dropped(assisted=kwargs.get("assistant_model") is not None)
+        if given is not None or use_cache is False:
+            with quiet:
+                return super().generate(inputs, generation_config, **hf_compat.cache_kwargs(given), **kwargs)
         cache = RemoteCache(self._open_chain)
         try:
-            out = super().generate(inputs, generation_config, past_key_values=cache, **kwargs)
+            with quiet:
+                out = super().generate(inputs, generation_config, **hf_compat.cache_kwargs(cache), **kwargs)
         except BaseException:
             cache.close()
             raise
         self.last_route = cache.route
-        if not (isinstance(out, ModelOutput) and out.get("past_key_values") is cache):
+        if not (isinstance(out, ModelOutput) and hf_compat.cache_in(out) is cache):
             cache.close()  # returned only with return_dict_in_generate: then it lives until dropped
         return out
 
@@ -383,6 +370,13 @@ class ShardedModel(PreTrainedModel, GenerationMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _require_remote(cache) -> None:
+    if cache is not None and not isinstance(cache, RemoteCache):
+        raise GenerationError(
+            f"the cache must be a RemoteCache (the servers' caches), not {type(cache).__name__}"
+        )
 
 
 def _to_device(out, device: torch.device):

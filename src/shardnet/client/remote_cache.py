@@ -14,26 +14,24 @@ import logging
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import Cache
 
 from shardnet.client.hop_stream import HopTiming
 from shardnet.client.routing import RouteHop
 from shardnet.client.session import InferenceSession
 from shardnet.errors import GenerationError
+from shardnet.models.hf_compat import TensorlessCache
 
 logger = logging.getLogger(__name__)
 
 
-class RemoteCache(Cache):
-    is_compileable = False
-
+class RemoteCache(TensorlessCache):
     def __init__(
         self,
         open_chain: Callable[[int, int], InferenceSession],
         max_length: int | None = None,
         timings: list[list[HopTiming]] | None = None,
     ):
-        super().__init__(layers=[])
+        super().__init__()
         self._open_chain = open_chain
         self.max_length = max_length  # positions the servers reserve; set by generate() when None
         self.chain: InferenceSession | None = None
@@ -73,9 +71,6 @@ class RemoteCache(Cache):
         keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, length)
         if keep < length:
             self.chain.crop(max(keep, 0))
-
-    def activate_past_recording(self) -> None:
-        """Servers keep every position of a session (within its max_length), so any crop is exact."""
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise GenerationError("a RemoteCache cannot change its batch size; start a new generation instead")

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.streamers import BaseStreamer
+from transformers.generation import BaseStreamer
 
 logger = logging.getLogger(__name__)
 

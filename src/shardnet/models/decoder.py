@@ -18,18 +18,16 @@ import re
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from shardnet.errors import ModelLoadError
+from shardnet.models import hf_compat
 from shardnet.models.base import CPU, ClientHead, ModelAdapter, SpanInputs, SpanModule, register
 from shardnet.models.checkpoint import Checkpoint
 from shardnet.models.families import FAMILIES, Family
 from shardnet.models.stacked_cache import stacked_cache
-from shardnet.models.transformers_loading import load_parts, skeleton, still_on_meta
+from shardnet.models.transformers_loading import load_parts, still_on_meta
 
 logger = logging.getLogger(__name__)
-_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 def layer_types(config: PretrainedConfig) -> list[str]:
@@ -41,7 +39,7 @@ def layer_types(config: PretrainedConfig) -> list[str]:
         types = ["sliding_attention"] * config.num_hidden_layers
     else:
         types = ["full_attention"] * config.num_hidden_layers
-    unknown = sorted(set(types) - set(_MASKS))
+    unknown = sorted(set(types) - hf_compat.MASK_KINDS)
     if unknown:
         raise ModelLoadError(f"{config.model_type}: layer types {unknown} are not supported yet")
     return types
@@ -56,28 +54,22 @@ class DecoderSpan(SpanModule):
         self.layer_types = layer_types(self.config)
         base = model.base_model
         self.blocks = nn.ModuleList(getattr(base, family.layers)[start:end])
-        self.rotary = None if family.positions == "learned" else base.rotary_emb  # buffers only
+        self.rotary = None if family.positions == "learned" else hf_compat.rotary_module(base)
 
-    def new_cache(self) -> DynamicCache:
-        cache = DynamicCache(config=self.config)
-        # Sliding-window layers then keep every position (within the session's max_length, which the
-        # cache budget counts anyway) until cropped, so a rollback past the window stays exact.
-        cache.activate_past_recording()
-        return cache
+    def new_cache(self) -> hf_compat.Cache:
+        # Sliding-window layers keep every position (within the session's max_length, which the cache
+        # budget counts anyway) until cropped, so a rollback past the window stays exact.
+        return hf_compat.session_cache(self.config)
 
-    def crop_cache(self, cache: DynamicCache, start: int, end: int, keep: int) -> None:
-        for layer in cache.layers[start:end]:  # the layers outside the span were never filled
-            drop = layer.get_seq_length() - keep
-            if drop > 0:
-                layer.crop(-drop)
+    def crop_cache(self, cache: hf_compat.Cache, start: int, end: int, keep: int) -> None:
+        hf_compat.crop_layers(cache, start, end, keep)
 
-    def reorder_cache(self, cache: DynamicCache, start: int, end: int, rows: torch.Tensor) -> None:
-        for layer in cache.layers[start:end]:
-            layer.reorder_cache(rows)
+    def reorder_cache(self, cache: hf_compat.Cache, start: int, end: int, rows: torch.Tensor) -> None:
+        hf_compat.reorder_layers(cache, start, end, rows)
 
     def stack_caches(
-        self, caches: list[DynamicCache], batch_sizes: list[int], start: int, end: int, frame: int
-    ) -> Cache:
+        self, caches: list[hf_compat.Cache], batch_sizes: list[int], start: int, end: int, frame: int
+    ) -> hf_compat.Cache:
         return stacked_cache(caches, batch_sizes, start, end, frame)
 
     @torch.inference_mode()
@@ -85,18 +77,19 @@ class DecoderSpan(SpanModule):
         self,
         hidden_states: torch.Tensor,
         inputs: SpanInputs,
-        cache: DynamicCache | None,
+        cache: hf_compat.Cache | None,
         start: int,
         end: int,
     ) -> torch.Tensor:
         types = self.layer_types[start:end]
         masks = {
-            kind: _MASKS[kind](
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=inputs.attention_mask,
-                past_key_values=cache,
-                position_ids=inputs.position_ids,
+            kind: hf_compat.attention_mask(
+                kind,
+                self.config,
+                hidden_states,
+                inputs.attention_mask,
+                cache,
+                inputs.position_ids,
                 layer_idx=start + types.index(kind) if cache is not None else None,
             )
             for kind in set(types)
@@ -104,16 +97,10 @@ class DecoderSpan(SpanModule):
         rotations = self._rotations(hidden_states, inputs.position_ids, set(types))
         for offset, block in enumerate(self.blocks[start - self.start : end - self.start]):
             kind = types[offset]
-            extra = {} if rotations is None else {"position_embeddings": rotations[kind]}
-            out = block(
-                hidden_states,
-                attention_mask=masks[kind],
-                position_ids=inputs.position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                **extra,
+            rotation = None if rotations is None else rotations[kind]
+            hidden_states = hf_compat.run_layer(
+                block, hidden_states, masks[kind], inputs.position_ids, cache, rotation
             )
-            hidden_states = out[0] if isinstance(out, tuple) else out
         return hidden_states  # [batch, new, hidden]
 
     def _rotations(self, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]) -> dict | None:
@@ -121,8 +108,10 @@ class DecoderSpan(SpanModule):
         if self.rotary is None:
             return None
         if self.family.positions == "rotary_per_layer_type":
-            return {kind: self.rotary(hidden, position_ids, kind) for kind in kinds}
-        rotation = self.rotary(hidden, position_ids)
+            return {
+                kind: hf_compat.rotary_embeddings(self.rotary, hidden, position_ids, kind) for kind in kinds
+            }
+        rotation = hf_compat.rotary_embeddings(self.rotary, hidden, position_ids, None)
         return dict.fromkeys(kinds, rotation)
 
 
@@ -186,7 +175,7 @@ class DecoderAdapter(ModelAdapter):
         dtype: torch.dtype,
         device: torch.device = CPU,
     ) -> DecoderSpan:
-        model = skeleton(config, dtype)
+        model = hf_compat.skeleton(config, dtype)
         layer_key = re.compile(rf"^{self._prefixes(model)}{re.escape(self.family.layers)}\.(\d+)\.")
 
         def in_span(key: str) -> bool:
@@ -201,7 +190,7 @@ class DecoderAdapter(ModelAdapter):
     def load_head(
         self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, device: torch.device = CPU
     ) -> DecoderHead:
-        model = skeleton(config, dtype)
+        model = hf_compat.skeleton(config, dtype)
         family = self.family
         parts = [family.token_embedding, family.final_norm, *filter(None, [family.position_embedding])]
         head_name = next(

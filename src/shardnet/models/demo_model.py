@@ -12,23 +12,21 @@ built from the same config minus its ``quantization_config``, and save that.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import importlib.util
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from platformdirs import user_cache_dir
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from shardnet.errors import DemoModelMissingError, ModelLoadError
+from shardnet.models import hf_compat
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +99,7 @@ def _is_complete(folder: Path) -> bool:
 
 def convert(gguf_path: Path, folder: Path) -> None:
     """Write a float32 safetensors model folder for a GGUF file, and check it loads to the same logits."""
-    with tqdm(total=4, desc=f"converting {gguf_path.name}", unit="step") as steps, _no_hf_bars():
+    with tqdm(total=4, desc=f"converting {gguf_path.name}", unit="step") as steps, hf_compat.quiet():
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         steps.update()
         gguf_model = AutoModelForCausalLM.from_pretrained(
@@ -120,8 +118,7 @@ def convert(gguf_path: Path, folder: Path) -> None:
 
 def _plain_copy(gguf_model: PreTrainedModel) -> PreTrainedModel:
     """The same weights in a model with no quantizer attached, so save_pretrained accepts it."""
-    config = copy.deepcopy(gguf_model.config)
-    del config.quantization_config
+    config = hf_compat.without_gguf_quantizer(copy.deepcopy(gguf_model.config))
     state = gguf_model.state_dict()
     if any(not t.is_floating_point() for t in state.values()):
         raise ModelLoadError("the GGUF weights were not dequantized to float tensors")
@@ -164,15 +161,3 @@ def _verify(folder: Path, gguf_model: PreTrainedModel, gguf_tokenizer) -> float:
             f"the model saved in {folder} differs from the GGUF model: logits diff {diff:.2e}"
         )
     return diff
-
-
-@contextlib.contextmanager
-def _no_hf_bars() -> Iterator[None]:
-    """transformers' own weight-loading bars would interleave with ours; restore the setting after."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()

@@ -1,9 +1,9 @@
 """Load named parts of a checkpoint into transformers' own model classes, and nothing else.
 
-A model is first built as transformers builds it, but on the meta device (``skeleton``): no memory, every
+A model is first built as transformers builds it, but on the meta device (``hf_compat.skeleton``): no memory, every
 module and index exactly as in ``AutoModelForCausalLM``. Then only the checkpoint tensors a caller
 selects (a span's blocks, or the embeddings and head) are loaded into it by transformers' own loading
-code (``convert_and_load_state_dict_in_model``, with the model's registered weight conversions), straight
+code (``hf_compat.load_state_dict``, with the model's registered weight conversions), straight
 onto the target device and dtype, read lazily from the safetensors files (``load_parts``). That is what makes one generic
 adapter work across families: checkpoints whose layout differs from the modules (Mixtral's and
 Qwen2-MoE's per-expert weights are fused into one tensor per layer in transformers 5) are converted the
@@ -17,29 +17,14 @@ import logging
 from collections.abc import Callable, Iterator
 
 import torch
-from accelerate import init_empty_weights
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import convert_and_load_state_dict_in_model
-from transformers.modeling_utils import LoadStateDictConfig
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedModel
 
 from shardnet.errors import ModelLoadError
+from shardnet.models import hf_compat
 from shardnet.models.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
-
-
-def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """The causal LM transformers would build for ``config`` in ``dtype``, every parameter on meta.
-
-    Buffers stay real (accelerate's ``init_empty_weights(include_buffers=False)``): they are small and
-    computed by the modules' constructors (rotary frequencies, Gemma's embedding scale), not stored in
-    checkpoints, so this is the one place they get their values.
-    """
-    with init_empty_weights(include_buffers=False), _quiet_transformers():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def load_parts(
@@ -53,21 +38,13 @@ def load_parts(
     keys = [key for key in checkpoint.keys() if wanted(key)]
     if not keys:
         raise ModelLoadError(f"checkpoint {str(checkpoint.folder)!r} has none of the weights asked for")
-    load_config = LoadStateDictConfig(
-        pretrained_model_name_or_path=str(checkpoint.folder),
-        dtype=dtype,
-        device_map={"": device},
-        weight_mapping=get_model_conversion_mapping(model),
-    )
-    with _lazy_slices(checkpoint, keys) as state_dict, _quiet_transformers():
-        info, _ = convert_and_load_state_dict_in_model(
-            model=model, state_dict=state_dict, load_config=load_config
+    with _lazy_slices(checkpoint, keys) as state_dict:
+        unexpected, problems = hf_compat.load_state_dict(
+            model, state_dict, str(checkpoint.folder), dtype, device
         )
-    problems = [*info.error_msgs, *(f"{k}: {v}" for k, v in info.conversion_errors.items())]
-    if info.unexpected_keys or problems:
-        unexpected = sorted(info.unexpected_keys)[:5]
+    if unexpected or problems:
         raise ModelLoadError(
-            f"cannot load {checkpoint.folder}: unexpected weights {unexpected} {problems[:3]}"
+            f"cannot load {checkpoint.folder}: unexpected weights {unexpected[:5]} {problems[:3]}"
         )
 
 
@@ -89,18 +66,3 @@ def _lazy_slices(checkpoint: Checkpoint, keys: list[str]) -> Iterator[dict]:
             handle = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             slices.update({key: handle.get_slice(key) for key in file_keys})
         yield slices
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No "Loading weights" progress bar or missing-weights report: most of the model is left out on purpose."""
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
