@@ -15,10 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardnet import ShardedModel
+from shardnet.demo import DEFAULT_PROMPT
 from shardnet.launch import LocalSwarm, even_spans
 
-PROMPT = "Explain in a few sentences how a rainbow forms."
+PROMPT = DEFAULT_PROMPT  # what `shardnet demo` asks when given no --prompt
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
+DEMO_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,13 @@ def test_converted_folder_keeps_chat_template_and_end_of_turn(smollm2_path, toke
     assert local.lm_head.weight.data_ptr() == local.model.embed_tokens.weight.data_ptr()
 
 
-def test_swarm_matches_transformers_on_smollm2(swarm, smollm2_path, chat_ids):
+@pytest.fixture(scope="module")
+def local(smollm2_path):
+    return AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+
+
+def test_swarm_matches_transformers_on_smollm2(swarm, smollm2_path, chat_ids, local):
     assert swarm.spans == [(0, 10), (10, 20), (20, 30)]
-    local = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     with ShardedModel.from_pretrained(smollm2_path, initial_peers=swarm.initial_peers) as client:
         got_logits = client(chat_ids).logits[:, -1]  # [1, vocab]
         got = client.generate(chat_ids, max_new_tokens=24, do_sample=False)
@@ -105,13 +111,23 @@ def _alive(processes: list[psutil.Process], timeout_s: float = 15.0) -> list[psu
     return alive
 
 
-def test_demo_runs_and_leaves_no_processes(smollm2_path):
-    process = _demo("--max-new-tokens", "8", cache_dir=smollm2_path.parent)
-    head = _read_until(process, b"generating up to 8 tokens:\n", timeout_s=180)
+@pytest.mark.canary  # scripts/canary.sh: the first thing a new user runs, on the newest releases
+def test_demo_answers_as_transformers_with_no_warning_and_leaves_no_processes(
+    smollm2_path, tokenizer, chat_ids, local
+):
+    process = _demo("--max-new-tokens", str(DEMO_TOKENS), cache_dir=smollm2_path.parent)
+    head = _read_until(process, f"generating up to {DEMO_TOKENS} tokens:\n".encode(), timeout_s=180)
     children = _descendants(process)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err.decode()
     text = (head + out).decode()
+    # The answer is local transformers' greedy answer to the same chat turn, and the terminal got nothing
+    # but the story and the answer: no warning (from transformers or anyone), no log line.
+    answer = text.split(f"generating up to {DEMO_TOKENS} tokens:\n", 1)[1].split("\ntime to first token")[0]
+    want = local.generate(chat_ids, max_new_tokens=DEMO_TOKENS, do_sample=False)[0, chat_ids.shape[1] :]
+    assert answer.strip() == tokenizer.decode(want, skip_special_tokens=True).strip()
+    assert "rainbow" in answer.lower() or "light" in answer.lower(), answer
+    assert not err.decode().strip(), err.decode()
     assert "waited" in text and "blocks 0:30" in text
     hops = [line.split() for line in text.splitlines() if line.startswith("  blocks ")]
     assert [(hop[1], hop[2], hop[3][:2]) for hop in hops] == [

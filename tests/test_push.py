@@ -55,7 +55,9 @@ def _prompt(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("push", [True, False], ids=["push", "chained"])
+@pytest.mark.parametrize(
+    "push", [pytest.param(True, marks=pytest.mark.canary), False], ids=["push", "chained"]
+)
 def test_greedy_batch2_left_padded_and_beams_match_local(shared, local, push):
     swarm = shared
     ids, mask = _prompt(2)
@@ -73,6 +75,7 @@ def test_greedy_batch2_left_padded_and_beams_match_local(shared, local, push):
     )
 
 
+@pytest.mark.canary
 def test_kill_9_of_the_middle_server_with_push_stays_exact(swarm, local):
     ids, mask = _prompt(2, seed=3)
     want = local.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
