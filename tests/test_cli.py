@@ -125,3 +125,22 @@ def test_a_swarm_key_file_others_can_read_is_refused(llama_24, tmp_path):
     key.chmod(0o640)
     result = _run("serve", "--model", str(llama_24), "--blocks", "0:1", "--swarm-key-file", str(key))
     _assert_one_line_error(result, "accessible to other users", f"chmod 600 {key}")
+
+
+def test_version_names_what_runs():
+    import importlib.metadata
+    import platform
+
+    import shardnet
+
+    result = _run("--version")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    installed = {
+        name: importlib.metadata.version(name)
+        for name in ("torch", "transformers", "hivemind", "grpcio", "protobuf")
+    }
+    assert result.stdout.splitlines() == [
+        f"shardnet {shardnet.__version__}",
+        f"python {platform.python_version()}",
+        *(f"{name} {version}" for name, version in installed.items()),
+    ]

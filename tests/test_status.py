@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 
+import shardnet
 from shardnet.client.swarm_status import render_table
 from shardnet.dht import lookup, start_dht
 from shardnet.launch import LocalSwarm
@@ -63,6 +64,7 @@ def test_status_json_and_table_show_load_and_counts(one_server):
         assert server["cache_tokens_total"] == 131072
         assert server["cache_tokens_free"] == 131072 - 2 * 64
         assert (server["open_sessions"], server["sessions_served"]) == (1, 1)
+        assert server["shardnet_version"] == shardnet.__version__  # what the server announced it runs
 
         # The table form (the CLI's default; tests/test_dht.py runs it) renders the same look-up.
         table = render_table(lookup(dht, swarm.model_id, swarm.num_blocks), swarm.model_id, 6, "llama")
@@ -70,7 +72,8 @@ def test_status_json_and_table_show_load_and_counts(one_server):
         assert "1 servers" in table and "open" in table and "served" in table
         assert "blocks with no online server: 4:6" in table
         [row] = [line for line in table.splitlines() if view.address in line]
-        assert row.split()[2:4] == ["0:4", "online"] and row.split()[-3:] == ["1", "1", "no"]
+        assert row.split()[2:4] == ["0:4", "online"]
+        assert row.split()[-4:] == ["1", "1", shardnet.__version__, "no"]  # open, served, version, tls
     finally:
         requests.put(None)
         responses.cancel()

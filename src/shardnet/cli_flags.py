@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from shardnet.errors import ShardnetError
-from shardnet.version import __version__
+from shardnet.version import versions_report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,6 +19,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _PrintVersions(argparse.Action):
+    """``--version``: one ``name version`` line each, as they are (argparse's own action rewraps them)."""
+
+    def __init__(self, option_strings, dest, help=None):  # noqa: A002 - argparse's own keyword
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions_report())  # on stdout, as argparse's version action prints
+        parser.exit(0)
 
 
 def _span(text: str) -> tuple[int, int]:
@@ -90,7 +101,11 @@ def _add_peers(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardnet", description="Run large language models split across machines.")
-    parser.add_argument("--version", action="version", version=f"shardnet {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_PrintVersions,
+        help="print the versions of shardnet, python, torch, transformers, hivemind, grpcio and protobuf",
+    )
     parser.add_argument(
         "--log-level",
         default=None,

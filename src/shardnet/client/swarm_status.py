@@ -39,7 +39,7 @@ def server_entry(view: ServerView) -> dict:
         "cache_tokens_total": r.cache_tokens_total,  # 0 = not announced (older server)
         "open_sessions": r.open_sessions,
         "sessions_served": r.sessions_served,
-        "version": r.version,
+        "shardnet_version": r.version,  # the shardnet release the server runs
         "tls_fingerprint": r.tls_fingerprint,  # SHA-256 of its gRPC TLS certificate; "" = plain gRPC
     }
 
@@ -63,7 +63,7 @@ def render_table(per_block: list[list[ServerView]], model_id: str, num_blocks: i
     lines = [f"model {model_id} (architecture {architecture}): {num_blocks} blocks, {len(servers)} servers"]
     lines.append(
         f"{'peer':<8}{'address':<24}{'blocks':<10}{'state':<10}{'dtype':<10}{'steps/s':>9}"
-        f"{'cache free':>18}{'open':>6}{'served':>8}  tls"
+        f"{'cache free':>18}{'open':>6}{'served':>8}  {'version':<10}tls"
     )
     for view in servers:
         r = view.record
@@ -75,7 +75,7 @@ def render_table(per_block: list[list[ServerView]], model_id: str, num_blocks: i
         lines.append(
             f"{view.short_id:<8}{view.address:<24}{f'{r.start}:{r.end}':<10}{r.state:<10}{r.dtype:<10}"
             f"{r.throughput:>9.1f}{cache:>18}{r.open_sessions:>6}{r.sessions_served:>8}"
-            f"  {'yes' if r.tls_fingerprint else 'no'}"
+            f"  {r.version:<10}{'yes' if r.tls_fingerprint else 'no'}"
         )
     missing = blocks_without_online_server(per_block, num_blocks)
     lines.append(
