@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from shardnet.cli_flags import build_parser, initial_peers, swarm_key
 from shardnet.errors import ShardnetError
+from shardnet.model_folder import check_model_folder
 from shardnet.process_env import apply_defaults
 
 logger = logging.getLogger("shardnet.cli")
@@ -49,6 +50,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from shardnet.server.config import ServerConfig
+
+    check_model_folder(args.model)  # before the server's imports, which take seconds
 
     config = ServerConfig(
         model_path=args.model,
@@ -94,16 +97,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from shardnet.client.swarm_status import render_table, status_document
-    from shardnet.client.swarm_view import SwarmView
-    from shardnet.models import adapter_for, derive_model_id, load_config, validate_model_id
-
     peers = initial_peers(args)
     if not peers:
         raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    check_model_folder(args.model)
+    from shardnet.client.swarm_status import render_table, status_document
+    from shardnet.client.swarm_view import SwarmView
+    from shardnet.models import block_count, derive_model_id, load_config, validate_model_id
+
     config = load_config(args.model)
     model_id = validate_model_id(args.model_id or derive_model_id(config))
-    num_blocks = adapter_for(config).num_blocks(config)
+    num_blocks = block_count(config)
     with SwarmView.connect(args.model, peers, model_id=model_id, swarm_key=swarm_key(args)) as view:
         per_block = view.servers()
     architecture = str(config.model_type)
@@ -118,8 +122,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     peers = initial_peers(args)
     if not peers:
         raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
-    if not args.model.is_dir():
-        raise_config(f"--model {args.model}: no such model folder")
+    check_model_folder(args.model)
     import torch
 
     from shardnet.gateway import GatewayServer, create_app, open_gateway
@@ -146,6 +149,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        check_model_folder(args.model)
     from shardnet.demo import DemoConfig, run_demo
 
     cache = os.environ.get("SHARDNET_CACHE_DIR")
@@ -165,11 +170,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from shardnet.chat import ChatConfig, run_chat
-
     peers = initial_peers(args)
     if not peers:
         raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    check_model_folder(args.model)
+    from shardnet.chat import ChatConfig, run_chat
+
     config = ChatConfig(
         model_path=args.model,
         initial_peers=peers,

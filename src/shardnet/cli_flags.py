@@ -128,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a span of transformer blocks")
     serve.add_argument(
-        "--model", required=True, type=Path, help="model folder (transformers save_pretrained, safetensors)"
+        "--model",
+        required=True,
+        type=Path,
+        help="model folder (transformers save_pretrained, safetensors)",
     )
     where = serve.add_mutually_exclusive_group()
     where.add_argument(
@@ -264,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
         "api", help="serve an OpenAI-compatible HTTP API (and a chat page) over the swarm's model"
     )
     api.add_argument(
-        "--model", required=True, type=Path, help="model folder with its tokenizer (the client's parts)"
+        "--model",
+        required=True,
+        type=Path,
+        help="model folder with its tokenizer (the client's parts)",
     )
     _add_peers(api, required=True)
     _add_swarm_key(api)
@@ -315,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         "chat", help="chat with a model served by a swarm, turn after turn, in the terminal"
     )
     chat.add_argument(
-        "--model", required=True, type=Path, help="model folder with a tokenizer that has a chat template"
+        "--model",
+        required=True,
+        type=Path,
+        help="model folder with a tokenizer that has a chat template",
     )
     _add_peers(chat, required=True)
     _add_swarm_key(chat)

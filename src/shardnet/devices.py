@@ -8,31 +8,15 @@ float16 on older GPUs and on MPS, float32 on the CPU; an explicit dtype always w
 
 from __future__ import annotations
 
-import re
-
 import psutil
 import torch
 
+from shardnet.device_names import DTYPE_NAMES, parse_device
+from shardnet.device_names import named as _named
 from shardnet.errors import ConfigError
 
+__all__ = ["DTYPE_NAMES", "HOST", "parse_device"]  # and the functions below
 HOST = torch.device("cpu")  # where token ids, masks and tensors for and from the wire live
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what a span computes in, and announces
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
-
-
-def _named(flag: str, value: str) -> str:
-    """How a user wrote a setting: '--device cuda' on the command line, "device='cuda'" in Python."""
-    return f"{flag} {value}" if flag.startswith("--") else f"{flag}={value!r}"
-
-
-def parse_device(text: str, flag: str = "--device") -> str:
-    """Check the form of a device name ('CUDA:1 ' -> 'cuda:1'); whether this machine has it is
-    decided by ``resolve_device``."""
-    name = (str(text) if text is not None else "").strip().lower()
-    if not _DEVICE.fullmatch(name):
-        raise ConfigError(f"{_named(flag, text)} is not a device: use {DEVICE_FORMS}")
-    return name
 
 
 def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.device:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardnet.devices import parse_device
+from shardnet.device_names import parse_device
 from shardnet.errors import ConfigError
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

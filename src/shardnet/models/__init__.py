@@ -1,12 +1,17 @@
-"""Per-architecture adapters and checkpoint reading. Importing this registers every adapter."""
+"""Per-architecture adapters and checkpoint reading.
 
-from shardnet.models import decoder  # noqa: F401  (registers an adapter per architecture family)
+Importing this is light (a model folder's config, ids, the adapter contract): transformers' modeling
+code loads only when an adapter is first asked for (``adapter_for``), so commands that fail on a flag or
+a model folder, and ``shardnet status``, answer in about a second instead of five.
+"""
+
 from shardnet.models.base import (
     ClientHead,
     ModelAdapter,
     SpanInputs,
     SpanModule,
     adapter_for,
+    block_count,
     supported_model_types,
 )
 from shardnet.models.checkpoint import Checkpoint, derive_model_id, load_config, validate_model_id
@@ -18,6 +23,7 @@ __all__ = [
     "SpanInputs",
     "SpanModule",
     "adapter_for",
+    "block_count",
     "derive_model_id",
     "load_config",
     "supported_model_types",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -90,10 +91,6 @@ class ModelAdapter(ABC):
 
     model_types: tuple[str, ...] = ()
 
-    @staticmethod
-    def num_blocks(config: PretrainedConfig) -> int:
-        return int(config.num_hidden_layers)
-
     @abstractmethod
     def load_span(
         self,
@@ -113,6 +110,11 @@ class ModelAdapter(ABC):
         """Build the client-side parts on ``device`` and load only their weights, straight onto it."""
 
 
+def block_count(config: PretrainedConfig) -> int:
+    """Transformer blocks in the model (every architecture's config names them num_hidden_layers)."""
+    return int(config.num_hidden_layers)
+
+
 _REGISTRY: dict[str, ModelAdapter] = {}
 
 
@@ -122,7 +124,13 @@ def register(adapter: ModelAdapter) -> ModelAdapter:
     return adapter
 
 
+def _register_adapters() -> None:
+    """The adapters register themselves when their module is imported (the first time only)."""
+    importlib.import_module("shardnet.models.decoder")
+
+
 def adapter_for(config: PretrainedConfig) -> ModelAdapter:
+    _register_adapters()
     adapter = _REGISTRY.get(config.model_type)
     if adapter is None:
         raise ModelLoadError(
@@ -132,6 +140,7 @@ def adapter_for(config: PretrainedConfig) -> ModelAdapter:
 
 
 def supported_model_types() -> list[str]:
+    _register_adapters()
     return sorted(_REGISTRY)
 
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from shardnet.errors import ModelLoadError
+from shardnet.model_folder import check_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,7 @@ _VOLATILE_CONFIG_KEYS = {
 
 def load_config(path: str | Path) -> PretrainedConfig:
     """The model's transformers config; ModelLoadError if the folder is missing or not a model."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder {str(folder)!r} does not exist or is not a directory")
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"model folder {str(folder)!r} has no config.json")
+    folder = check_model_folder(path)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, OSError, json.JSONDecodeError, KeyError) as exc:

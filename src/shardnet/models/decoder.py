@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
 from shardnet.errors import ModelLoadError
 from shardnet.models import hf_compat
@@ -26,6 +26,9 @@ from shardnet.models.checkpoint import Checkpoint
 from shardnet.models.families import FAMILIES, Family
 from shardnet.models.stacked_cache import stacked_cache
 from shardnet.models.transformers_loading import load_parts, still_on_meta
+
+if TYPE_CHECKING:  # transformers' modeling code loads where a model is built (hf_compat)
+    from transformers import PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 

@@ -18,33 +18,35 @@ The rest of shardnet imports only transformers' public, stable API (``AutoConfig
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
+import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
-from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 # Private modules: their import paths are part of what this file pins (checked 5.23.0, 5.24.0, 5.25.0).
+# cache_utils loads in milliseconds; the heavier ones (masking_utils, modeling_utils and the loading
+# code, seconds together) load where they are first used, so importing shardnet.models stays light.
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import convert_and_load_state_dict_in_model
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 TRANSFORMERS_VERSION = transformers.__version__
 OLDEST_SUPPORTED = "5.23.0"  # the lower bound in pyproject.toml, tested by `scripts/canary.sh --oldest`
 
 # ---- the cache's name ------------------------------------------------------------------------------
 # 5.23: `past_key_values`; 5.24, 5.25: `cache` (the old name a deprecated alias until 5.40 / 6.0).
-# Read off the masking utilities' signature, which carries the new name exactly when the models do.
 # Breaks if a later version renames it again: generate() would then run without our RemoteCache (every
 # step a stateless one-token forward: wrong tokens, no error), which tests/test_generate_modes.py and
-# the canary catch.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# the canary catch; tests/test_generate_modes.py also checks this name against the signature of
+# masking_utils.create_causal_mask, which carries the new name exactly when the models do.
+CACHE_RENAMED_IN = (5, 24)
+_RELEASE = tuple(int(part) for part in re.findall(r"\d+", TRANSFORMERS_VERSION)[:2])  # (major, minor)
+CACHE_KWARG = "cache" if _RELEASE >= CACHE_RENAMED_IN else "past_key_values"
 _CACHE_NAMES = ("cache", "past_key_values")  # what ShardedModel accepts from its callers, either version
 
 
@@ -245,8 +247,7 @@ def empty_layer() -> CacheLayerMixin:
 
 # ---- running transformers' own decoder layers ------------------------------------------------------
 
-_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-MASK_KINDS = frozenset(_MASKS)
+MASK_KINDS = frozenset({"full_attention", "sliding_attention"})  # the layer types attention_mask builds
 
 
 def attention_mask(
@@ -265,7 +266,10 @@ def attention_mask(
     mask). Breaks loudly on a signature change (TypeError), quietly if their sizing changes: the
     exactness and conformance tests compare every architecture's logits with transformers'.
     """
-    return _MASKS[kind](
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    build = create_causal_mask if kind == "full_attention" else create_sliding_window_causal_mask
+    return build(
         config=config,
         inputs_embeds=hidden_states,
         attention_mask=padding_mask,
@@ -326,6 +330,9 @@ def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
     computed by the modules' constructors (rotary frequencies, Gemma's embedding scale), not stored in
     checkpoints. ``from_config(config, dtype=...)``: checked 5.23.0 to 5.25.0 with accelerate 1.x.
     """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     with init_empty_weights(include_buffers=False), quiet():
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
@@ -344,6 +351,10 @@ def load_state_dict(
     ``unexpected_keys``, ``error_msgs`` and ``conversion_errors``. Checked 5.23.0 to 5.25.0. These are
     from_pretrained's internals: a change here fails every model load (ModelLoadError or TypeError).
     """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
     load_config = LoadStateDictConfig(
         pretrained_model_name_or_path=folder,
         dtype=dtype,

@@ -15,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformers import PreTrainedModel
 
 from shardnet.errors import ModelLoadError
 from shardnet.models import hf_compat
 from shardnet.models.checkpoint import Checkpoint
+
+if TYPE_CHECKING:  # transformers' modeling code loads where a model is built (hf_compat)
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 

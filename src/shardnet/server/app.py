@@ -23,7 +23,14 @@ from shardnet.devices import (
 )
 from shardnet.dht import ServerRecord, ServerState, announce, lookup, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
-from shardnet.models import Checkpoint, adapter_for, derive_model_id, load_config, validate_model_id
+from shardnet.models import (
+    Checkpoint,
+    adapter_for,
+    block_count,
+    derive_model_id,
+    load_config,
+    validate_model_id,
+)
 from shardnet.models.footprint import block_weight_bytes, kv_bytes_per_token
 from shardnet.models.quantization import check_quant_supported, quantize_span
 from shardnet.server.announcer import Announcer, LoadTrigger
@@ -80,8 +87,8 @@ class Server:
         make_current(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config = load_config(config.model_path)
-        self.adapter = adapter_for(self.model_config)
-        num_blocks = self.adapter.num_blocks(self.model_config)
+        self.adapter = adapter_for(self.model_config)  # ModelLoadError naming the supported architectures
+        num_blocks = block_count(self.model_config)
         if config.blocks is not None and config.blocks[1] > num_blocks:
             start, end = config.blocks
             raise ConfigError(

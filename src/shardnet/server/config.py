@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardnet.devices import DTYPE_NAMES, parse_device
+from shardnet.device_names import DTYPE_NAMES, parse_device
 from shardnet.errors import ConfigError
 from shardnet.swarm_key import SwarmKey
 
