@@ -72,6 +72,7 @@ def one_server(
         dtype=dtype,
         log_dir=harness.swarm_log_dir(args.log_dir, f"span{span_[0]}-{span_[1]}"),
         torch_threads=args.server_threads,
+        preloaded=False,  # a fresh interpreter, as a volunteer's `shardnet serve`: its own pages and start time
     )
     try:
         swarm.start_dht()

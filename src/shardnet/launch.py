@@ -17,9 +17,11 @@ from pathlib import Path
 
 import psutil
 
+from shardnet import process_template
 from shardnet.dht import ServerState, lookup, start_dht
 from shardnet.errors import ShardnetError
 from shardnet.models import derive_model_id, load_config
+from shardnet.process_template import ForkedProcess, TemplateProcess
 from shardnet.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
@@ -49,10 +51,13 @@ class LocalSwarm:
         torch_threads: int | None = None,
         server_args: Sequence[Sequence[str]] | None = None,
         swarm_key_file: str | Path | None = None,
+        preloaded: bool = True,
     ):
         """``extra_args`` go to every server; ``server_args``, one list per span, to that span's server only
         (e.g. its own ``--port`` and ``--announce-port``). ``swarm_key_file``: a private swarm, whose DHT
-        node and servers all start with ``--swarm-key-file``."""
+        node and servers all start with ``--swarm-key-file``. ``preloaded``: fork the processes from a
+        template that imported shardnet once (``shardnet/process_template.py``; Linux), instead of
+        starting each interpreter afresh (what a benchmark of a server's own memory wants)."""
         self.model_path = Path(model_path)
         self.spans = list(spans)
         self.dtype = dtype
@@ -64,24 +69,28 @@ class LocalSwarm:
         self.torch_threads = torch_threads
         self.swarm_key_file = Path(swarm_key_file) if swarm_key_file else None
         self.swarm_key = SwarmKey.from_file(swarm_key_file) if swarm_key_file else None
+        self.preloaded = preloaded and process_template.supported()
         config = load_config(self.model_path)
         self.model_id = derive_model_id(config)
         self.num_blocks = int(config.num_hidden_layers)
         self.initial_peers: list[str] = []
-        self.dht_process: subprocess.Popen | None = None
-        self.servers: list[subprocess.Popen] = []
+        self.dht_process: subprocess.Popen | ForkedProcess | None = None
+        self.servers: list[subprocess.Popen | ForkedProcess] = []
         self._logs: list = []
         self._labels: dict[int, str] = {}  # server pid -> what it was asked to serve, e.g. "--blocks 0:3"
         self._announce_ports: dict[int, int] = {}  # server pid -> its --announce-port, where it has one
         self._probe = None  # a client-mode DHT node of our own, for wait_ready
 
-    def _spawn(self, args: list[str], name: str, stdout=None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
-        if log is not subprocess.DEVNULL:
-            self._logs.append(log)
+    def _spawn(self, args: list[str], name: str, stdout=None) -> subprocess.Popen | ForkedProcess:
+        log_path = self.log_dir / f"{name}.log" if self.log_dir else None
         # PARENT_PID_ENV: the child asks the kernel for SIGTERM when we die, even by SIGKILL (see cli.py),
         # since its own session keeps it out of reach of our process group.
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_PID_ENV: str(os.getpid())})
+        if self.preloaded:  # forked from the template: its parent there, and a session of its own too
+            return TemplateProcess.shared().spawn(args, env, log_path, stdout_pipe=stdout is not None)
+        log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        if log is not subprocess.DEVNULL:
+            self._logs.append(log)
         # A session of its own: Ctrl-C at a terminal reaches only our process, which stops the children
         # in order (servers first, DHT last) instead of every process tearing itself down at once.
         return subprocess.Popen(
