@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from shardnet.process_template import TemplateProcess, supported
+from shardnet.process_template import UNKNOWN_EXIT, TemplateProcess, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="the process template forks: Linux only")
 
@@ -22,6 +22,8 @@ def _env() -> dict[str, str]:
 
 def test_forked_commands_answer_like_child_processes(tmp_path):
     template = TemplateProcess.shared()
+    # Its own session: Ctrl-C at the launcher's terminal (SIGINT to the foreground group) misses it.
+    assert os.getsid(template.process.pid) == template.process.pid
     key = tmp_path / "swarm.key"
     keygen = template.spawn(["keygen", str(key)], _env(), tmp_path / "keygen.log")
     assert keygen.wait(timeout=60) == 0 and key.is_file()
@@ -53,6 +55,17 @@ def test_forked_commands_answer_like_child_processes(tmp_path):
     assert victim.wait(timeout=60) == -signal.SIGKILL and victim.returncode == -signal.SIGKILL
     victim.send_signal(signal.SIGTERM)  # after its exit: nothing to signal, no error
     victim.stdout.close()
+
+
+def test_children_of_a_template_that_died_still_end_and_wait_returns(tmp_path):
+    """A template killed outright: its children get SIGTERM and stop; waiting on them does not hang (their
+    exit status cannot be known then)."""
+    template = TemplateProcess()  # not the shared one: this test kills it
+    dht = template.spawn(["dht", "--host", "127.0.0.1", "--port", "0"], _env(), None, stdout_pipe=True)
+    dht.stdout.readline()
+    template.process.kill()
+    assert dht.wait(timeout=60) == UNKNOWN_EXIT and dht.poll() == UNKNOWN_EXIT
+    dht.stdout.close()
 
 
 _LAUNCHER = """

@@ -51,6 +51,8 @@ PRELOAD = (
 )
 _NOISY_AT_IMPORT = ("torchao", "torch.utils._pytree")  # as shardnet.cli: warnings about absent CUDA kernels
 _FDS_PER_MESSAGE = 1
+# The exit status of a child whose template died before reaping it (it then cannot be known).
+UNKNOWN_EXIT = 255
 
 
 def supported() -> bool:
@@ -129,6 +131,9 @@ class TemplateProcess:
                 [sys.executable, "-m", "shardnet.process_template", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # A session of its own, as every LocalSwarm child: Ctrl-C at the launcher's terminal goes
+                # to the launcher, which stops the children in order, not to the template.
+                start_new_session=True,
                 # Children get streams of their own. The template's would hold the launcher's terminal or
                 # pipes open (a reader waiting for EOF) and show import-time noise there.
                 stdout=subprocess.DEVNULL,
@@ -192,13 +197,17 @@ class TemplateProcess:
             return self._started.pop(0)
 
     def returncode(self, pid: int) -> int | None:
-        with self._state:
-            return self._returncodes.get(pid)
+        return self.wait(pid, 0)
 
     def wait(self, pid: int, timeout: float | None) -> int | None:
         with self._state:
-            self._state.wait_for(lambda: self._returncodes.get(pid) is not None, timeout)
-            return self._returncodes.get(pid)
+            self._state.wait_for(lambda: self._returncodes.get(pid) is not None or not self._alive, timeout)
+            code = self._returncodes.get(pid)
+            orphaned = code is None and not self._alive
+        if orphaned and _wait_gone(pid, timeout):  # the template is gone: nobody reports this exit now
+            with self._state:
+                code = self._returncodes[pid] = UNKNOWN_EXIT
+        return code
 
     def _read(self) -> None:
         buffer = b""
@@ -224,6 +233,19 @@ class TemplateProcess:
         with self._state:
             self._alive = False
             self._state.notify_all()
+
+
+def _wait_gone(pid: int, timeout: float | None) -> bool:
+    """Whether process ``pid`` has ended (or is a zombie nobody reaps) within ``timeout`` seconds."""
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.TimeoutExpired:
+        return False
+    except psutil.NoSuchProcess:
+        pass
+    return True
 
 
 # ---- the template's side ----------------------------------------------------------------------------
@@ -296,6 +318,7 @@ def _fork(request: dict, stdout_fd: int | None, closing: tuple[int, ...]) -> dic
             os.close(fd)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setsid()  # a session of its own, as LocalSwarm gives every child (see launch.py)
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
@@ -330,6 +353,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # its children restore Python's own handler
     sock = socket.socket(fileno=int(argv[0]))
     launcher = os.getppid()
     _die_with_parent()
