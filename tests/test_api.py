@@ -334,6 +334,8 @@ def test_api_command_serves_until_sigterm(swarm, smollm2_path):
         assert _served_models(url.removesuffix("/v1")) == ["tiny"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, process.stderr.read()[-2000:]
+        log = process.stderr.read()  # INFO lines only: no warning from transformers or anyone in normal use
+        assert " WARNING " not in log and "Warning:" not in log, log
     finally:
         if process.poll() is None:
             process.kill()

@@ -52,6 +52,7 @@ def test_chat_turns_continue_one_session_and_reset_starts_over(swarm, smollm2_pa
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert " INFO " not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert not result.stderr.strip(), result.stderr  # nothing but the answers: no warning, no log line
 
     # Turn 1: what one greedy generate through the swarm answers to the templated first message.
     first_ids = _templated(tokenizer, [{"role": "user", "content": FIRST}])
