@@ -245,3 +245,25 @@ def shardnet_status(swarm: LocalSwarm, *flags: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def left_after_launcher_killed(script: str, *args: str, count: int) -> list[psutil.Process]:
+    """Run ``python -c script ARGS``, which prints the pids of ``count`` processes it started and sleeps;
+    SIGKILL it (nothing of it can clean up) and return those processes and their descendants still
+    running a minute later (killed, so nothing leaks into later tests)."""
+    import subprocess
+    import sys
+
+    launcher = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in launcher.stdout.readline().split()]
+        assert len(pids) == count, "the launcher did not report what it started"
+        tree = [psutil.Process(pid) for pid in pids]
+        tree += [child for process in tree for child in process.children(recursive=True)]
+    finally:
+        launcher.kill()
+        launcher.wait()
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    for process in alive:
+        process.kill()
+    return alive

@@ -11,7 +11,7 @@ from shardnet import ShardedModel
 from shardnet.errors import RouteNotFoundError
 from shardnet.launch import LocalSwarm
 
-from .conftest import reference
+from .conftest import left_after_launcher_killed, reference
 
 
 def test_bfloat16_swarm_generates_close_to_local(llama_untied, tmp_path):
@@ -61,22 +61,5 @@ time.sleep(600)
 @pytest.mark.slow  # before a release: pytest -m slow (README "Tests")
 def test_swarm_children_exit_when_their_launcher_is_killed(llama_untied):
     """Children run in their own session (no Ctrl-C storm); SIGKILL of the launcher must still end them."""
-    import subprocess
-    import sys
-
-    import psutil
-
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, str(llama_untied)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        pids = [int(pid) for pid in launcher.stdout.readline().split()]
-        assert len(pids) == 3, "the launcher did not report its swarm"
-        children = [psutil.Process(pid) for pid in pids]
-    finally:
-        launcher.kill()
-        launcher.wait()
-    _, alive = psutil.wait_procs(children, timeout=60)
-    for process in alive:
-        process.kill()
+    alive = left_after_launcher_killed(_LAUNCHER, str(llama_untied), count=3)
     assert not alive, f"orphaned after the launcher died: {[p.cmdline()[3:5] for p in alive]}"

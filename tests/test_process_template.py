@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import psutil
 import pytest
 
 from shardnet.process_template import UNKNOWN_EXIT, TemplateProcess, supported
+
+from .conftest import left_after_launcher_killed
 
 pytestmark = pytest.mark.skipif(not supported(), reason="the process template forks: Linux only")
 
@@ -82,18 +83,5 @@ time.sleep(600)
 def test_the_template_and_its_children_end_with_their_launcher(llama_untied):
     """SIGKILL of the process that started a swarm (nothing of it can clean up): the template dies with
     it, and its children (a DHT node and a server, each in a session of its own) stop as they would."""
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, str(llama_untied)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        pids = [int(pid) for pid in launcher.stdout.readline().split()]
-        assert len(pids) == 3, "the launcher did not report its swarm"
-        tree = [psutil.Process(pid) for pid in pids]
-        tree += [child for process in tree[1:] for child in process.children(recursive=True)]
-    finally:
-        launcher.kill()
-        launcher.wait()
-    _, alive = psutil.wait_procs(tree, timeout=60)
-    for process in alive:
-        process.kill()
+    alive = left_after_launcher_killed(_LAUNCHER, str(llama_untied), count=3)
     assert not alive, f"left running after the launcher died: {[p.name() for p in alive]}"
