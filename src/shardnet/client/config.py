@@ -20,6 +20,7 @@ class ClientConfig:
     device: str = "cpu"  # where the local parts compute: auto | cpu | cuda | cuda:N | mps
     route_timeout_s: float = 30.0  # how long to wait for usable servers covering the blocks needed
     request_timeout_s: float = 120.0  # a server that does not answer one step or forward in time has failed
+    hedge_floor_s: float = 3.0  # a step is never hedged sooner (see client/failover.py: its budget)
     max_retries: int = 3  # failovers allowed for one step (or one forward) before its error is raised
     refresh_interval_s: float = 10.0  # how often the swarm view is refreshed in the background
     max_message_bytes: int = 256 * 1024 * 1024  # largest gRPC message sent or received, bytes
@@ -34,7 +35,7 @@ class ClientConfig:
                 f"dtype {self.dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16"
             )
         object.__setattr__(self, "device", parse_device(self.device, flag="device"))
-        for name in ("route_timeout_s", "request_timeout_s", "refresh_interval_s"):
+        for name in ("route_timeout_s", "request_timeout_s", "refresh_interval_s", "hedge_floor_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_retries < 0:

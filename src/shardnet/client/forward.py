@@ -1,7 +1,8 @@
 """A stateless forward through the swarm (the unary Forward RPC, no cache), re-routed around failures.
 
-Nothing is kept on the servers, so a failed hop is simply run again elsewhere: the blocks from the
-failed hop to the end are routed again and the hidden states that entered it are sent there.
+Nothing is kept on the servers, so a failed or late hop is simply run again elsewhere: the blocks from
+the failed hop to the end are routed again and the hidden states that entered it are sent there. What is
+retried, charged and banned, and how long a hop may take, is ``client/failover.py``'s to decide.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import grpc
 import torch
 
 from shardnet.client.config import ClientConfig
+from shardnet.client.failover import Failover
 from shardnet.client.health import ServerHealth
 from shardnet.client.hop_stream import optional_tensors
 from shardnet.client.planner import RoutePlanner
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
-from shardnet.errors import SessionExpiredError, ShardnetError
+from shardnet.errors import ShardnetError
 from shardnet.wire import pb
 from shardnet.wire.status import error_from_rpc
 from shardnet.wire.tensors import deserialize, serialize
@@ -61,21 +63,18 @@ def forward_through_swarm(
 ) -> tuple[torch.Tensor, list[RouteHop]]:
     """Run full sequences [batch, seq, hidden] through every block; returns the output and the hops used."""
     extra = optional_tensors(mask, positions, transport.max_message_bytes)
+    failover = Failover(config, health, "forward")
     route = planner.route(0, num_blocks)
     used: list[RouteHop] = []
-    failures, index, failed = 0, 0, set()
+    index = 0
     while index < len(route):
         hop = route[index]
+        budget = failover.budget_s(hop, hidden.shape[0] * hidden.shape[1])
         try:
-            hidden = _forward_hop(transport, hop, model_id, hidden, extra, config.request_timeout_s)
+            hidden = _forward_hop(transport, hop, model_id, hidden, extra, budget)
         except ShardnetError as error:
-            failures += 1
-            if not error.retryable or failures > config.max_retries:
-                raise
-            if not isinstance(error, SessionExpiredError):
-                health.report_failure(hop.peer_id, str(error))
-                failed.add(hop.peer_id)
-            route = planner.route(hop.start, num_blocks, exclude=frozenset(failed))
+            failover.failed(hop, error)
+            route = planner.route(hop.start, num_blocks, exclude=failover.excluded)
             logger.info("forward: %s failed (%s); rerouted to %s", hop, error, describe(route))
             index = 0
             continue

@@ -1,4 +1,5 @@
-"""What this client process has observed of each server: failures and bans, round-trip time, own sessions.
+"""What this client process has observed of each server: failures and bans, round-trip time, own sessions,
+links between two servers that broke, and counts of what failover did.
 
 One ``ServerHealth`` is shared by every ``ShardedModel`` of a process (``ServerHealth.shared()``), so a
 server that failed for one model is avoided by the others, and sessions opened by several models (or
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -29,11 +31,20 @@ class ServerHealth:
     _shared: ServerHealth | None = None
     _shared_lock = threading.Lock()
 
-    def __init__(self, ban_base_s: float = 1.0, ban_max_s: float = 60.0, rtt_smoothing: float = 0.3):
+    def __init__(
+        self,
+        ban_base_s: float = 1.0,
+        ban_max_s: float = 60.0,
+        rtt_smoothing: float = 0.3,
+        link_retry_s: float = 30.0,
+    ):
         self.ban_base_s = ban_base_s  # first ban after a failure; doubles with each further failure
         self.ban_max_s = ban_max_s  # longest ban
         self.rtt_smoothing = rtt_smoothing  # weight of a new RTT sample in the moving average
+        self.link_retry_s = link_retry_s  # a link that broke is not pushed over again before this long
         self._peers: dict[str, _PeerHealth] = {}
+        self._broken_links: dict[tuple[str, str], float] = {}  # (from, to) -> time.monotonic() to retry at
+        self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         # Held while a route is chosen and its sessions counted, so concurrent choices see each other.
         self.routing_lock = threading.Lock()
@@ -110,3 +121,32 @@ class ServerHealth:
     def open_sessions(self) -> dict[str, int]:
         with self._lock:
             return {pid: peer.open_sessions for pid, peer in self._peers.items() if peer.open_sessions}
+
+    # ---- links between servers ----
+
+    def report_broken_link(self, sender: str, receiver: str, reason: str) -> None:
+        """``sender`` could not push to ``receiver``, though the client reaches both: not a server's fault."""
+        with self._lock:
+            self._broken_links[(sender, receiver)] = time.monotonic() + self.link_retry_s
+        logger.info(
+            "not pushing from peer=..%s to peer=..%s for %.0fs: %s",
+            sender[-4:],
+            receiver[-4:],
+            self.link_retry_s,
+            reason,
+        )
+
+    def link_broken(self, sender: str, receiver: str) -> bool:
+        until = self._broken_links.get((sender, receiver))
+        return until is not None and until > time.monotonic()
+
+    # ---- what failover did (the chaos benchmark and the logs read these) ----
+
+    def count(self, event: str, times: int = 1) -> None:
+        with self._lock:
+            self._counts[event] += times
+
+    def counts(self) -> dict[str, int]:
+        """Events so far in this process: failovers, hedges, broken_pushes, handoffs, replays."""
+        with self._lock:
+            return dict(self._counts)

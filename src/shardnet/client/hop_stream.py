@@ -1,8 +1,9 @@
 """SpanStream: one bidirectional stream to one server, holding its KV cache for one hop of a session.
 
-The stream has no gRPC deadline (a conversation may stay open for hours); each request gets the
-per-request timeout through ``StepDeadlines`` instead. Failures come out as the typed errors of
-``shardnet.wire.status``; deciding what to do about them is the session's job.
+The stream has no gRPC deadline (a conversation may stay open for hours); its replies are read by a thread
+onto the session's ``ReplyBoard``, and each wait for one has a deadline of the caller's choosing (the
+step's hedge budget). Failures come out as the typed errors of ``shardnet.wire.status``; deciding what to
+do about them is the failover policy's job (``client/failover.py``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from shardnet.client.deadlines import StepDeadlines
+from shardnet.client.failover import RECENT_SMOOTHING
+from shardnet.client.replies import STREAM_ENDED, ReplyBoard
 from shardnet.client.routing import RouteHop
 from shardnet.client.transport import Transport
 from shardnet.errors import RemoteError, StepTimeoutError
 from shardnet.wire import pb
+from shardnet.wire.push_ack import push_ack_timeout_s
 from shardnet.wire.status import error_from_rpc
 from shardnet.wire.tensors import deserialize, serialize
 
@@ -57,6 +60,11 @@ def optional_tensors(mask: torch.Tensor | None, positions: torch.Tensor | None, 
     return fields
 
 
+class NotPushedError(RemoteError):
+    """The server answered an awaited step without computing it: the push never reached it (it gave up
+    waiting, or the server before told it the route broke). It takes the step as a plain one instead."""
+
+
 class SpanStream:
     """An open session on one server for blocks ``hop.start:hop.end``."""
 
@@ -68,7 +76,8 @@ class SpanStream:
         batch_size: int,
         max_length: int,
         session_id: str,
-        timeout_s: float,
+        open_timeout_s: float,
+        board: ReplyBoard | None = None,
     ):
         self.hop = hop
         self.peer = f"{hop.server.short_id}@{hop.server.address}"
@@ -76,18 +85,18 @@ class SpanStream:
         self.pending_rows: torch.Tensor | None = (
             None  # [batch] reorder the server applies before the next step
         )
-        self.timeout_s = timeout_s
+        self.recent_s: float | None = None  # moving average of the server's seconds per position
+        self.board = board or ReplyBoard()
         self._limit = transport.max_message_bytes
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._step_id = 0
-        self._timed_out = False
-        self._deadlines = StepDeadlines.shared()
         self.push_token = b""
         self.awaiting: int | None = None  # step id the server awaits as a push (push mode), if any
         self._stub = transport.stub(hop.server.address, hop.server.record.tls_fingerprint)
         self._call = self._stub.Inference(iter(self._requests.get, _END))
+        self.board.read(self, self._call)
         try:
-            opened = self._exchange(
+            self._requests.put(
                 pb.InferenceRequest(
                     open=pb.OpenSession(
                         model_id=model_id,
@@ -98,6 +107,7 @@ class SpanStream:
                     )
                 )
             )
+            opened = self.receive(time.monotonic() + open_timeout_s)
             if opened.WhichOneof("kind") != "opened":
                 raise RemoteError(f"{self.peer}: expected SessionOpened, got {opened.WhichOneof('kind')}")
             self.push_token = opened.opened.push_token  # empty from a server that takes no pushes
@@ -105,26 +115,20 @@ class SpanStream:
             self.close()
             raise
 
-    def _expire(self) -> None:
-        self._timed_out = True
-        self._call.cancel()
+    def receive(self, deadline: float) -> pb.InferenceResponse:
+        """The next reply, waiting until ``deadline`` (``time.monotonic()``)."""
+        posted = self.board.wait([self], deadline)
+        if posted is None:
+            raise StepTimeoutError(f"{self.peer}: no reply within its budget")
+        return self.reply_of(posted[1])
 
-    def _exchange(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
-        self._requests.put(request)
-        return self._receive()
-
-    def _receive(self) -> pb.InferenceResponse:
-        self._deadlines.arm(self, self.timeout_s, self._expire)
-        try:
-            return next(self._call)
-        except grpc.RpcError as exc:
-            if self._timed_out:
-                raise StepTimeoutError(f"{self.peer}: no reply within {self.timeout_s:g}s") from None
-            raise error_from_rpc(exc, self.peer) from None
-        except StopIteration:
-            raise RemoteError(f"{self.peer}: stream ended without a reply") from None
-        finally:
-            self._deadlines.disarm(self)
+    def reply_of(self, item: object) -> pb.InferenceResponse:
+        """What the board posted for this stream, as a reply or a typed error."""
+        if isinstance(item, grpc.RpcError):
+            raise error_from_rpc(item, self.peer)
+        if item is STREAM_ENDED:
+            raise RemoteError(f"{self.peer}: stream ended without a reply")
+        return item
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Reorder the server's cache rows (row i becomes row ``rows[i]``) with the next step."""
@@ -134,48 +138,57 @@ class SpanStream:
         """Keep only the server cache's first ``keep`` positions, from the next step on."""
         self.position = min(self.position, keep)
 
-    def _build_step(
-        self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
+    def build_step(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        push: list[pb.NextHop] = (),
     ) -> pb.Step:
+        """The step this stream's server is to run next: the awaited one, or a new one."""
+        if self.awaiting is None:
+            self._step_id += 1
         step = pb.Step(
-            step_id=step_id,
+            step_id=self.awaiting or self._step_id,
             position=self.position,
             hidden_states=serialize(hidden, self._limit),
             **optional_tensors(mask, positions, self._limit),
         )
         if self.pending_rows is not None:
             step.hypo_ids.CopyFrom(serialize(self.pending_rows.to(torch.int64), self._limit))
+        step.push.extend(push)
         return step
 
-    def step(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, HopTiming]:
-        """Send the new positions' hidden states [batch, new, hidden]; returns (output, where time went).
-
-        A pending reorder or rollback travels with the step, so it costs no round trip of its own. If the
-        server awaits a pushed step that never came, the step is pushed to it by the client instead."""
-        began = time.perf_counter()
-        if self._timed_out:  # cancelled by an earlier timeout: fail now, not after another one
-            raise StepTimeoutError(f"{self.peer}: no reply within {self.timeout_s:g}s")
-        if self.awaiting is not None:
-            step_id = self.awaiting
-            step = self._build_step(step_id, hidden, mask, positions)
-            self._deliver(step)
-        else:
-            self._step_id += 1
-            step_id = self._step_id
-            self._requests.put(pb.InferenceRequest(step=self._build_step(step_id, hidden, mask, positions)))
-        sent = time.perf_counter()
-        out, timing, _ = self.receive_step(step_id, hidden.shape[1], began)
-        timing.client_s += sent - began  # encoding the request
-        return out, timing
-
-    def _deliver(self, step: pb.Step) -> None:
-        """Push ``step`` to the server ourselves (it awaits a push the server before it did not make)."""
+    def send(self, step: pb.Step) -> None:
+        """Send ``step`` (from ``build_step``): on the stream, or, when the server awaits it as a push
+        that the server before did not make, as that push."""
+        if self.awaiting is None:
+            self._requests.put(pb.InferenceRequest(step=step))
+            return
+        request = pb.PushRequest(push_token=self.push_token, step=step)
         try:
-            self._stub.Push(pb.PushRequest(push_token=self.push_token, step=step), timeout=self.timeout_s)
+            self._stub.Push(request, timeout=push_ack_timeout_s(request.ByteSize()))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.peer) from None
+
+    def step(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, budget_s: float
+    ) -> tuple[torch.Tensor, HopTiming]:
+        """Send the new positions' hidden states [batch, new, hidden] and wait up to ``budget_s`` for the
+        output; returns (output, where time went). A pending reorder or rollback travels with the step,
+        so it costs no round trip of its own."""
+        began = time.perf_counter()
+        step = self.build_step(hidden, mask, positions)
+        self.send(step)
+        sent = time.perf_counter()
+        deadline = time.monotonic() + budget_s
+        while True:
+            result = self.step_result(self.receive(deadline), step.step_id)
+            if result is not None:
+                break
+        out, timing = self.accept(result, hidden.shape[1], began)
+        timing.client_s += sent - began  # encoding the request
+        return out, timing
 
     # ---- push mode: the server before this one sends the step, this stream only gets the reply ----
 
@@ -194,54 +207,59 @@ class SpanStream:
             hop.hypo_ids.CopyFrom(serialize(self.pending_rows.to(torch.int64), self._limit))
         return hop
 
-    def send_pushing(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, push: list[pb.NextHop]
-    ) -> int:
-        """Send a step whose output the server pushes along ``push``; returns its step id."""
-        self._step_id += 1
-        step = self._build_step(self._step_id, hidden, mask, positions)
-        step.push.extend(push)
-        self._requests.put(pb.InferenceRequest(step=step))
-        return self._step_id
+    def step_result(self, reply: pb.InferenceResponse, step_id: int) -> pb.StepResult | None:
+        """``reply`` as the answer to step ``step_id``; None for an older step's (a late duplicate)."""
+        if reply.WhichOneof("kind") != "step" or reply.step.step_id > step_id:
+            raise RemoteError(f"{self.peer}: reply does not answer step {step_id}")
+        if reply.step.step_id < step_id:
+            return None
+        if not reply.step.HasField("hidden_states"):  # the push never reached it: nothing computed
+            self.awaiting = None
+            raise NotPushedError(f"{self.peer}: step {step_id} was not pushed here: {reply.step.push_error}")
+        return reply.step
 
-    def receive_step(self, step_id: int, new: int, began: float) -> tuple[torch.Tensor, HopTiming, str]:
-        """The reply to step ``step_id`` (older replies are skipped): (output, timing, push error or "")."""
-        while True:
-            reply = self._receive()
-            if reply.WhichOneof("kind") != "step" or reply.step.step_id > step_id:
-                raise RemoteError(f"{self.peer}: reply does not answer step {step_id}")
-            if reply.step.step_id == step_id:
-                break
+    def accept(self, result: pb.StepResult, new: int, began: float) -> tuple[torch.Tensor, HopTiming]:
+        """The output of a step this server answered; its cache now holds ``new`` more positions."""
         received = time.perf_counter()
-        result = reply.step
-        self.awaiting = None
-        if not result.HasField("hidden_states"):  # the push never reached this server: nothing computed
-            raise RemoteError(f"{self.peer}: step {step_id} was not pushed here: {result.push_error}")
         self.position += new
         self.pending_rows = None
         self.awaiting = None
         out = deserialize(result.hidden_states)
         done = time.perf_counter()
+        handle_s = max(result.handle_s, result.compute_s)  # an older server reports no handle_s
+        per_position = handle_s / max(new, 1)
+        if self.recent_s is None:
+            self.recent_s = per_position
+        else:
+            self.recent_s += RECENT_SMOOTHING * (per_position - self.recent_s)
         timing = HopTiming(
             total_s=done - began,
             server_compute_s=result.compute_s,
             client_s=done - received,
-            server_handle_s=max(result.handle_s, result.compute_s),  # an older server reports no handle_s
+            server_handle_s=handle_s,
         )
-        return out, timing, result.push_error
+        return out, timing
 
     def step_chunked(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, max_positions: int
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        max_positions: int,
+        budget_s,
     ) -> torch.Tensor:
-        """Send many positions as several steps of at most ``max_positions`` each (a replay, a long prompt)."""
+        """Send many positions as several steps of at most ``max_positions`` each (a replay, a long
+        prompt); ``budget_s(positions)`` is each chunk's time budget."""
         outputs = []
         for first in range(0, hidden.shape[1], max_positions):
             last = first + max_positions
             chunk_mask = None if mask is None else mask[:, first:last]
-            out, _ = self.step(hidden[:, first:last], chunk_mask, positions[:, first:last])
+            chunk = hidden[:, first:last]
+            out, _ = self.step(chunk, chunk_mask, positions[:, first:last], budget_s(chunk.shape[1]))
             outputs.append(out)
         return torch.cat(outputs, dim=1)  # [batch, positions, hidden]
 
     def close(self) -> None:
         self._requests.put(_END)
         self._call.cancel()
+        self.board.forget(self)

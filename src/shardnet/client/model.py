@@ -90,6 +90,7 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
         quant: str | Iterable[str] = "none",
         route_timeout_s: float = 30.0,
         request_timeout_s: float = 120.0,
+        hedge_floor_s: float = 3.0,
         max_retries: int = 3,
         refresh_interval_s: float = 10.0,
         max_message_bytes: int = 256 * 1024 * 1024,
@@ -105,7 +106,11 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
         exclusively / never. ``quant``: quantizations of servers to route through: "none" (exact
         weights, the default), "int8", "nf4", several of them, or "any". ``route_timeout_s``: how long to wait for usable servers covering the blocks.
         ``request_timeout_s``: a server that does not answer one step (or forward) in time counts as
-        failed, and the session fails over. ``max_retries``: failovers allowed per step. ``push``: each
+        failed, and the session fails over. A step that runs far past the server's expected time
+        (4x, from its round trip, announced throughput and recent steps, and never under
+        ``hedge_floor_s``) is hedged sooner: replayed on a replica, so a frozen server costs seconds.
+        ``max_retries``: failovers allowed per step (servers found dead when a session is opened on them
+        are skipped without counting). ``push``: each
         server passes a step's output straight to the next one (N+1 network delays per step instead of
         2N), when every server of the route supports it; ``push=False`` chains every hop through the client.
         ``swarm_key``: the key of a private swarm, as hex (what ``shardnet keygen`` writes): the client
@@ -118,6 +123,7 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
             device=str(device),
             route_timeout_s=route_timeout_s,
             request_timeout_s=request_timeout_s,
+            hedge_floor_s=hedge_floor_s,
             max_retries=max_retries,
             refresh_interval_s=refresh_interval_s,
             max_message_bytes=max_message_bytes,

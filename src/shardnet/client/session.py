@@ -1,39 +1,41 @@
 """InferenceSession: a chain of SpanStreams over a route, which survives the servers it runs on.
 
 Every hop keeps the hidden states that entered it (``GrowingBuffer``, bounded by max_length), and the
-session keeps the positions and padding mask of every step. When a server fails a step (dies, times
-out, refuses, drains, reclaims the session), only that hop's blocks are routed again, possibly over
-several replacement servers with other boundaries; its inputs are replayed to rebuild their caches,
+session keeps the positions and padding mask of every step. When a server fails a step (dies, runs past
+its budget, refuses, drains, reclaims the session), only that hop's blocks are routed again, possibly
+over several replacement servers with other boundaries; its inputs are replayed to rebuild their caches,
 with the failed step's inputs at the end, and the step goes on from the next hop. The replacement
 servers compute exactly what the failed one would have, so the tokens are the same as without the
-failure. Errors no retry can fix (a bad request, a model mismatch) are raised at once; the failovers
-of one step are bounded by ``max_retries``.
+failure. What is retried, charged, banned and hedged is ``client/failover.py``'s to decide; hops
+whose servers push to each other run as one ``PushedStep`` (``client/push_chain.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 
 import torch
 
 from shardnet.client.config import ClientConfig
+from shardnet.client.failover import Failover
 from shardnet.client.health import ServerHealth
 from shardnet.client.history import GrowingBuffer
 from shardnet.client.hop_stream import HopTiming, SpanStream
 from shardnet.client.planner import RoutePlanner, SessionNeeds
+from shardnet.client.push_chain import PushedStep
+from shardnet.client.replies import ReplyBoard
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
 from shardnet.devices import HOST
-from shardnet.errors import GenerationError, SessionExpiredError, ShardnetError
+from shardnet.errors import GenerationError, ShardnetError
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Hop:
+@dataclass(eq=False)
+class SessionHop:
     stream: SpanStream
     inputs: GrowingBuffer  # [batch, positions, hidden] every hidden state this hop was given
 
@@ -50,17 +52,6 @@ class _Replay:
         self.mask = mask  # [batch, positions] or None when no padding was ever sent
         self.positions = positions  # [batch, positions]
         self.output: torch.Tensor | None = None  # [batch, positions, hidden] the replacements' output
-
-
-class _PushedStep:
-    """A pushed step whose intermediate replies are still to be read (see InferenceSession._collect)."""
-
-    def __init__(self, hops: list[_Hop], step_ids: list[int], hidden: torch.Tensor, began: float):
-        self.hops = hops  # the route the step went through
-        self.step_ids = step_ids  # its step id on each hop's stream
-        self.hidden = hidden  # [batch, new, hidden] the first hop's input
-        self.began = began
-        self.timings = [HopTiming() for _ in hops[:-1]]  # filled in as the replies are read
 
 
 class InferenceSession:
@@ -83,19 +74,21 @@ class InferenceSession:
         self.position = 0
         self.failovers = 0  # hops replaced so far
         self.last_timings: list[HopTiming] = []
+        self.health = health
+        self.board = ReplyBoard()  # every stream's replies, as they come
         self._planner = planner
         self._transport = transport
-        self._health = health
         self._config = config
         self._needs = SessionNeeds(batch_size, max_length)
         self._positions = GrowingBuffer(max_length)  # [batch, position] every position id sent
         self._mask = GrowingBuffer(max_length)  # [batch, position] 0/1 padding of every position
         self._masked = False  # whether a padding mask was ever sent (then replacements need it too)
-        self._failures = 0  # failovers during the current step (or the opening)
-        self._failed_peers: set[str] = set()  # servers that failed the current step: not retried in it
-        self._hops: list[_Hop] = []
-        self._uncollected: _PushedStep | None = None
-        self._hops, _ = self._open(*blocks, None)
+        self._current: tuple[torch.Tensor | None, torch.Tensor] | None = (
+            None  # the step running: mask, positions
+        )
+        self._hops: list[SessionHop] = []
+        self._uncollected: PushedStep | None = None
+        self._hops, _ = self._open(*blocks, None, self._failover())
         logger.info(
             "session open session=%s route=%s max_length=%d batch=%d",
             self.short_id,
@@ -113,6 +106,9 @@ class InferenceSession:
         """The servers this session runs on now (changes when it fails over)."""
         return [hop.hop for hop in self._hops]
 
+    def _failover(self) -> Failover:
+        return Failover(self._config, self.health, f"session={self.short_id}")
+
     # ---- stepping ----
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
@@ -125,32 +121,26 @@ class InferenceSession:
             )
         step_mask = torch.ones(hidden.shape[:2], dtype=torch.long) if mask is None else mask.to(torch.long)
         masked = self._masked or mask is not None
-        timings: list[HopTiming] = []
-        self._failures, index = 0, 0
-        self._failed_peers.clear()
         self._collect()
-        if self.pushing:
-            index, hidden = self._step_pushed(hidden, mask, positions, timings)
-        while index < len(self._hops):
-            hop = self._hops[index]
-            try:
-                out, timing = hop.stream.step(hidden, mask, positions)
-            except ShardnetError as error:
-                self._count_failure(hop.hop, error)
-                replay = _Replay(
-                    hop.inputs.with_tail(hidden),
-                    self._mask.with_tail(step_mask) if masked else None,
-                    self._positions.with_tail(positions),
-                )
-                replaced = self._replace(index, replay)
-                timings.extend(HopTiming() for _ in range(replaced))
-                hidden = replay.output[:, -new:]
-                index += replaced
-                continue
-            hop.inputs.append(hidden)
-            timings.append(timing)
-            hidden = out
-            index += 1
+        failover = self._failover()
+        timings: list[HopTiming] = []
+        self._current = (step_mask if masked else None, positions)
+        try:
+            index = 0
+            while index < len(self._hops):
+                end = self._chain_end(index)
+                after = self._hops[end] if end < len(self._hops) else None
+                if end - index > 1:
+                    chain = PushedStep(self, self._hops[index:end], hidden, mask, positions, failover)
+                    hidden = chain.run()
+                    timings.extend(chain.timings)
+                    if not all(chain.settled):
+                        self._uncollected = chain
+                else:
+                    hidden = self._step_hop(self._hops[index], hidden, mask, positions, failover, timings)
+                index = self._hops.index(after) if after is not None else len(self._hops)
+        finally:
+            self._current = None
         self._positions.append(positions.to(torch.long))
         self._mask.append(step_mask)
         self._masked = masked
@@ -158,15 +148,69 @@ class InferenceSession:
         self.last_timings = timings
         return hidden
 
-    def _replace(self, index: int, replay: _Replay) -> int:
-        """Route hop ``index``'s blocks again and replay into the replacements (``replay.output`` is
-        their last output); returns how many hops replaced it."""
-        hop = self._hops[index]
+    def _step_hop(
+        self,
+        hop: SessionHop,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        failover: Failover,
+        timings: list[HopTiming],
+    ) -> torch.Tensor:
+        """One hop's step, sent by the client and answered to it; replaced when it fails or is late."""
+        new = hidden.shape[1]
+        try:
+            budget = failover.budget_s(hop.hop, new, hop.stream.recent_s)
+            out, timing = hop.stream.step(hidden, mask, positions, budget)
+        except ShardnetError as error:
+            failover.failed(hop.hop, error)
+            replaced = len(self._hops)
+            out = self.replace_hop(hop, hidden, failover)[:, -new:]
+            timings.extend(HopTiming() for _ in range(len(self._hops) - replaced + 1))
+            return out
+        hop.inputs.append(hidden)
+        timings.append(timing)
+        return out
+
+    def _chain_end(self, index: int) -> int:
+        """One past the last hop that the step, entering at hop ``index``, reaches by pushes: servers that
+        take pushes, over links not known to be broken."""
+        end = index + 1
+        if not self._config.push:
+            return end
+        while end < len(self._hops):
+            before, after = self._hops[end - 1], self._hops[end]
+            if not (before.stream.push_token and after.stream.push_token):
+                break
+            if self.health.link_broken(before.hop.peer_id, after.hop.peer_id):
+                break
+            end += 1
+        return end
+
+    @property
+    def pushing(self) -> bool:
+        """Whether steps go server to server: asked for, and every server of the route takes pushes."""
+        return self._config.push and len(self._hops) > 1 and all(h.stream.push_token for h in self._hops)
+
+    def replace_hop(self, hop: SessionHop, hop_input: torch.Tensor, failover: Failover) -> torch.Tensor:
+        """Route ``hop``'s blocks again, replaying its history and ``hop_input`` (what it was given for the
+        step at hand, whose positions the session holds already when no step is running) into the
+        replacements; returns their output for all those positions."""
+        if self._current is not None:
+            step_mask, positions = self._current
+            mask = self._mask.with_tail(step_mask) if step_mask is not None else None
+            replay = _Replay(hop.inputs.with_tail(hop_input), mask, self._positions.with_tail(positions))
+        else:
+            mask = self._mask.view() if self._masked else None
+            replay = _Replay(hop.inputs.with_tail(hop_input), mask, self._positions.view())
+        index = self._hops.index(hop)
         hop.stream.close()
-        self._health.session_closed(hop.hop.peer_id)
-        replacements, replay.output = self._open(hop.hop.start, hop.hop.end, replay)
+        self.health.session_closed(hop.hop.peer_id)
+        self._refresh_view()
+        replacements, replay.output = self._open(hop.hop.start, hop.hop.end, replay, failover)
         self._hops[index : index + 1] = replacements
         self.failovers += 1
+        self.health.count("replays")
         logger.info(
             "session=%s failed over %d:%d to %s, replayed %d positions",
             self.short_id,
@@ -175,83 +219,13 @@ class InferenceSession:
             describe([r.hop for r in replacements]),
             replay.hidden.shape[1],
         )
-        return len(replacements)
-
-    @property
-    def pushing(self) -> bool:
-        """Whether steps go server to server: asked for, and every server of the route takes pushes."""
-        return self._config.push and len(self._hops) > 1 and all(h.stream.push_token for h in self._hops)
-
-    def _step_pushed(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        positions: torch.Tensor,
-        timings: list[HopTiming],
-    ) -> tuple[int, torch.Tensor]:
-        """Send the step to the first server, which pushes its output on along the route, and wait for the
-        last server's reply only. The other servers' replies (the next hops' replay history) are read
-        when the session is next used, long arrived by then. Returns the index of the first hop the plain
-        loop must still run (len(hops) when the push went through) and that hop's input."""
-        began = time.perf_counter()
-        new = hidden.shape[1]
-        streams = [hop.stream for hop in self._hops]
-        route = [stream.await_push() for stream in streams[1:]]  # told before the push can reach them
-        step_ids = [streams[0].send_pushing(hidden, mask, positions, route), *(e.step_id for e in route)]
-        pending = _PushedStep(list(self._hops), step_ids, hidden, began)
-        try:
-            out, timing, _ = streams[-1].receive_step(step_ids[-1], new, began)
-        except ShardnetError as error:  # find which hop it stopped at, in order
-            logger.info("session=%s: pushed step got no reply from the last hop (%s)", self.short_id, error)
-            return self._walk_replies(pending, timings)
-        pending.timings.append(timing)
-        timings.extend(pending.timings)
-        self._uncollected = pending
-        return len(self._hops), out
-
-    def _walk_replies(self, pending: _PushedStep, timings: list[HopTiming]) -> tuple[int, torch.Tensor]:
-        hidden, new = pending.hidden, pending.hidden.shape[1]
-        for index, hop in enumerate(pending.hops):
-            try:
-                out, timing, push_error = hop.stream.receive_step(pending.step_ids[index], new, pending.began)
-            except ShardnetError as error:
-                logger.info(
-                    "session=%s: pushed step got no reply from %s (%s)", self.short_id, hop.hop, error
-                )
-                return index, hidden
-            hop.inputs.append(hidden)
-            timings.append(timing)
-            hidden = out
-            if push_error and index + 1 < len(pending.hops):
-                logger.info("session=%s: %s", self.short_id, push_error)
-                return index + 1, hidden
-        return len(pending.hops), hidden
+        return replay.output
 
     def _collect(self) -> None:
-        """Read the replies of the last pushed step's hops before the last one, into the replay history.
-        A hop whose reply never comes is replaced (its replay includes that step) and the next hops'
-        inputs come from the replacement's output, which equals the one the push carried."""
+        """Read the answers the last pushed step still owes, into the replay history (see PushedStep)."""
         pending, self._uncollected = self._uncollected, None
-        if pending is None:
-            return
-        hidden, new = pending.hidden, pending.hidden.shape[1]
-        for index, hop in enumerate(pending.hops[:-1]):
-            try:
-                out, timing, _ = hop.stream.receive_step(pending.step_ids[index], new, pending.began)
-            except ShardnetError as error:
-                self._count_failure(hop.hop, error)
-                replay = _Replay(
-                    hop.inputs.with_tail(hidden),
-                    self._mask.view() if self._masked else None,
-                    self._positions.view(),
-                )
-                self._replace(self._hops.index(hop), replay)
-                hidden = replay.output[:, -new:]
-                continue
-            pending.timings[index].__dict__.update(vars(timing))  # last_timings already holds these objects
-            hop.inputs.append(hidden)
-            hidden = out
-        pending.hops[-1].inputs.append(hidden)
+        if pending is not None:
+            pending.collect()
 
     # ---- what generation does between steps: beam reorders, rollbacks ----
 
@@ -286,20 +260,43 @@ class InferenceSession:
 
     # ---- opening and failover ----
 
-    def _count_failure(self, hop: RouteHop, error: ShardnetError) -> None:
-        """Raise what no retry can fix, or what is left after max_retries; else avoid the server a while."""
-        if not error.retryable:
-            raise error
-        self._failures += 1
-        if self._failures > self._config.max_retries:
-            logger.warning(
-                "session=%s gives up after %d failovers: %s", self.short_id, self._config.max_retries, error
-            )
-            raise error
-        if not isinstance(error, SessionExpiredError):  # the server ended the session but is healthy
-            self._health.report_failure(hop.peer_id, str(error))
-            self._failed_peers.add(hop.peer_id)
-        # Off the per-token path: look again now, so a server that announced DRAINING is passed over.
+    def _open(
+        self, start: int, end: int, replay: _Replay | None, failover: Failover
+    ) -> tuple[list[SessionHop], torch.Tensor | None]:
+        """Open sessions covering blocks start:end, replaying into each; returns them and the last output."""
+        hops: list[SessionHop] = []
+        reserved: list[RouteHop] = []  # hops counted as this process's sessions but not opened yet
+        block, hidden = start, None if replay is None else replay.hidden
+        try:
+            while block < end:
+                reserved = self._planner.route(
+                    block, end, self._needs, reserve=True, exclude=failover.excluded
+                )
+                while reserved:
+                    route_hop = reserved[0]
+                    try:
+                        hop, hidden = self._open_hop(route_hop, hidden, replay, failover)
+                    except ShardnetError as error:
+                        failover.failed(route_hop, error, opening=True)
+                        self._refresh_view()
+                        break  # route the rest again, without the server that just failed
+                    reserved.pop(0)
+                    hops.append(hop)
+                    block = route_hop.end
+                for route_hop in reserved:
+                    self.health.session_closed(route_hop.peer_id)
+                reserved = []
+        except BaseException:
+            for route_hop in reserved:
+                self.health.session_closed(route_hop.peer_id)
+            for hop in hops:
+                hop.stream.close()
+                self.health.session_closed(hop.hop.peer_id)
+            raise
+        return hops, hidden
+
+    def _refresh_view(self) -> None:
+        """Off the per-token path: look again now, so a server that announced DRAINING is passed over."""
         try:
             self._planner.view.refresh(max_age_s=1.0)
         except ShardnetError as exc:
@@ -307,41 +304,9 @@ class InferenceSession:
                 "session=%s: swarm refresh failed, routing on the last view: %s", self.short_id, exc
             )
 
-    def _open(self, start: int, end: int, replay: _Replay | None) -> tuple[list[_Hop], torch.Tensor | None]:
-        """Open sessions covering blocks start:end, replaying into each; returns them and the last output."""
-        hops: list[_Hop] = []
-        reserved: list[RouteHop] = []  # hops counted as this process's sessions but not opened yet
-        block, hidden = start, None if replay is None else replay.hidden
-        try:
-            while block < end:
-                reserved = self._planner.route(
-                    block, end, self._needs, reserve=True, exclude=frozenset(self._failed_peers)
-                )
-                while reserved:
-                    route_hop = reserved[0]
-                    try:
-                        hop, hidden = self._open_hop(route_hop, hidden, replay)
-                    except ShardnetError as error:
-                        self._count_failure(route_hop, error)
-                        break  # route the rest again, without the server that just failed
-                    reserved.pop(0)
-                    hops.append(hop)
-                    block = route_hop.end
-                for route_hop in reserved:
-                    self._health.session_closed(route_hop.peer_id)
-                reserved = []
-        except BaseException:
-            for route_hop in reserved:
-                self._health.session_closed(route_hop.peer_id)
-            for hop in hops:
-                hop.stream.close()
-                self._health.session_closed(hop.hop.peer_id)
-            raise
-        return hops, hidden
-
     def _open_hop(
-        self, route_hop: RouteHop, hidden: torch.Tensor | None, replay: _Replay | None
-    ) -> tuple[_Hop, torch.Tensor | None]:
+        self, route_hop: RouteHop, hidden: torch.Tensor | None, replay: _Replay | None, failover: Failover
+    ) -> tuple[SessionHop, torch.Tensor | None]:
         """Open one server's session and replay ``hidden`` into it; returns it and the replay's output."""
         config = self._config
         stream = SpanStream(
@@ -351,7 +316,8 @@ class InferenceSession:
             self.batch_size,
             self.max_length,
             self.session_id,
-            config.request_timeout_s,
+            failover.budget_s(route_hop, 0),
+            self.board,
         )
         inputs = GrowingBuffer(self.max_length)
         out = None
@@ -359,20 +325,21 @@ class InferenceSession:
             if replay is not None:
                 row_bytes = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
                 chunk = max(1, config.max_message_bytes // (2 * row_bytes))  # positions per message
-                out = stream.step_chunked(hidden, replay.mask, replay.positions, chunk)
+                budget = lambda positions: failover.budget_s(route_hop, positions)  # noqa: E731
+                out = stream.step_chunked(hidden, replay.mask, replay.positions, chunk, budget)
                 inputs.append(hidden)
         except BaseException:
             stream.close()
             raise
-        self._health.report_success(route_hop.peer_id)
-        return _Hop(stream, inputs), out
+        self.health.report_success(route_hop.peer_id)
+        return SessionHop(stream, inputs), out
 
     # ---- lifetime ----
 
     def close(self) -> None:
         for hop in self._hops:
             hop.stream.close()
-            self._health.session_closed(hop.hop.peer_id)
+            self.health.session_closed(hop.hop.peer_id)
         self._hops.clear()
 
     def __enter__(self) -> InferenceSession:

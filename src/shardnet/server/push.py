@@ -3,8 +3,10 @@
 A decode step then costs N+1 one-way network delays instead of 2N. A server pushes only to addresses
 announced in the DHT for its own model (never to an arbitrary address a request names), over
 channels it keeps open. A push is answered once the next server has queued the step, so the sender
-learns at once whether the next hop took it; if not, it tells the client (``StepResult.push_error``),
-which goes on from that hop itself.
+learns within a round trip (``wire/push_ack.py``) whether the next hop took it, and tells the client in
+its answer (``StepResult.push_error``): the client, which listens to every server of the route, then
+delivers the step to the next hop itself. A link broken between two servers, or a next server frozen,
+costs a step about a second, not a timeout.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -21,6 +22,7 @@ from shardnet.errors import InvalidRequestError, ShardnetError
 from shardnet.wire import pb, pb_grpc
 from shardnet.wire.call_auth import CallSigner
 from shardnet.wire.channels import server_channel
+from shardnet.wire.push_ack import push_ack_timeout_s
 
 logger = logging.getLogger(__name__)
 LOOKUP_INTERVAL_S = 0.5  # an address not yet seen is looked up again at most this often (all sessions)
@@ -37,20 +39,17 @@ class PushSender:
         self,
         announced_addresses: Callable[[], dict[str, str]],
         channel_options: list[tuple[str, int]],
-        timeout_s: float = 10.0,
         signer: CallSigner | None = None,
     ):
         # host:port -> TLS fingerprint ("" = none) of this model's servers in the DHT (a look-up)
         self._announced = announced_addresses
         self._options = channel_options
         self._signer = signer  # a private swarm's: pushes carry credentials like clients' calls
-        self.timeout_s = timeout_s
         self._allowed: dict[str, str] = {}
         self._checked_at = float("-inf")
         self._stubs: dict[tuple[str, str], pb_grpc.ShardStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
-        self.background = ThreadPoolExecutor(1, thread_name_prefix="push-abort")
 
     def announced_fingerprint(self, address: str) -> str:
         """The TLS fingerprint the server at ``address`` announced ("" = none); refuse an address no server
@@ -87,9 +86,9 @@ class PushSender:
                 stub = self._stubs.setdefault((address, fingerprint), pb_grpc.ShardStub(channel))
         return stub
 
-    def push(self, step: pb.Step, output: pb.Tensor) -> PendingPush:
-        """Start sending ``output`` as the next hop's step; the caller replies to its client, then calls
-        ``PendingPush.finish``. A refused address fails at once (``PendingPush.error``)."""
+    def push(self, step: pb.Step, output: pb.Tensor) -> str:
+        """Send ``output`` as the next hop's step and wait for it to be queued there; returns "" or why it
+        was not (an address no server of this model announced, a refusal, a link that does not answer)."""
         hop = step.push[0]
         pushed = pb.Step(step_id=hop.step_id, position=hop.position, hidden_states=output, push=step.push[1:])
         for name in ("attention_mask", "position_ids"):
@@ -97,59 +96,20 @@ class PushSender:
                 getattr(pushed, name).CopyFrom(getattr(step, name))
         if hop.HasField("hypo_ids"):
             pushed.hypo_ids.CopyFrom(hop.hypo_ids)
-        pending = PendingPush(self, step)
+        request = pb.PushRequest(push_token=hop.push_token, step=pushed)
         try:
             stub = self._stub(hop.address, self.announced_fingerprint(hop.address))
+            stub.Push(request, timeout=push_ack_timeout_s(request.ByteSize()))
         except ShardnetError as exc:  # not announced, or (TLS) not the certificate it announced
-            pending.error = str(exc)
-            return pending
-        request = pb.PushRequest(push_token=hop.push_token, step=pushed)
-        pending.future = stub.Push.future(request, timeout=self.timeout_s)
-        return pending
-
-    def abort(self, hop: pb.NextHop, error: str) -> None:
-        """Tell ``hop`` (the route's last server, which the client waits on) that its step will not come."""
-        request = pb.PushRequest(push_token=hop.push_token, step=pb.Step(step_id=hop.step_id), abort=error)
-        try:
-            self._stub(hop.address, self.announced_fingerprint(hop.address)).Push(
-                request, timeout=self.timeout_s
-            )
-        except (ShardnetError, grpc.RpcError) as exc:
-            logger.info("could not tell %s that the route broke: %s", hop.address, exc)
+            return str(exc)
+        except grpc.RpcError as exc:
+            error = f"push to {hop.address} failed: {exc.code().name}"
+            logger.info("%s", error)
+            return error
+        return ""
 
     def close(self) -> None:
-        self.background.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             channels, self._channels, self._stubs = self._channels, [], {}
         for channel in channels:
             channel.close()
-
-
-class PendingPush:
-    """A push in flight. When it fails, the route's last server is told (``abort``), so the client, which
-    waits on that server's reply, learns at once and goes on from the broken hop itself."""
-
-    def __init__(self, sender: PushSender, step: pb.Step):
-        self._sender = sender
-        self._step = step
-        self.future = None
-        self.error = ""  # set at once when the next address is refused
-
-    def finish(self) -> None:
-        """Check the outcome without blocking the session's stream (a frozen next server answers nothing)."""
-        if self.future is not None:
-            self.future.add_done_callback(self._done)
-        elif self.error:
-            self._aborted()
-
-    def _done(self, future) -> None:
-        error = future.exception()
-        if error is not None:
-            code = error.code().name if isinstance(error, grpc.RpcError) else type(error).__name__
-            self.error = f"push to {self._step.push[0].address} failed: {code}"
-            logger.info("%s", self.error)
-            self._aborted()
-
-    def _aborted(self) -> None:
-        if len(self._step.push) > 1:  # on a thread of our own: never a blocking call in gRPC's callback
-            self._sender.background.submit(self._sender.abort, self._step.push[-1], self.error)

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from shardnet.dht import ServerState
 from shardnet.errors import InvalidRequestError, ServerUnavailableError, SessionError, ShardnetError
 from shardnet.server.backend import SpanBackend, StepInput
-from shardnet.server.push import PendingPush, PushSender
+from shardnet.server.push import PushSender
 from shardnet.server.request_rate import RequestRate
 from shardnet.server.sessions import Session, SessionTable
 from shardnet.version import __version__
@@ -158,21 +158,14 @@ class ShardServicer(pb_grpc.ShardServicer):
                     if kind == "step":
                         step = request.step
                     else:
-                        pushed = self._pushed(session, request.await_push)
-                        if pushed.abort:  # the route broke before this server: nothing to compute
+                        pushed = self._pushed(session, request.await_push, context)
+                        if pushed.abort:  # nothing came, or the route broke before: nothing computed
                             yield pb.InferenceResponse(
                                 step=pb.StepResult(step_id=pushed.step.step_id, push_error=pushed.abort)
                             )
                             continue
                         step = pushed.step
-                    try:
-                        reply, push = self._step(session, step)
-                    except Exception as error:
-                        self._abort_route(step, error)
-                        raise
-                    yield reply
-                    if push is not None:  # sent before the reply; its outcome is checked after
-                        push.finish()
+                    yield self._step(session, step)
                 else:
                     raise InvalidRequestError("empty InferenceRequest: set open or step")
         except grpc.RpcError:  # the client went away mid-stream: nothing to answer
@@ -200,7 +193,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             client=context.peer(),  # one connection: the unit of the per-client quotas
         )
 
-    def _step(self, session: Session, request: pb.Step) -> tuple[pb.InferenceResponse, PendingPush | None]:
+    def _step(self, session: Session, request: pb.Step) -> pb.InferenceResponse:
         began = time.perf_counter()
         backend = self.runtime.backend
         if request.position > session.position:
@@ -229,33 +222,30 @@ class ShardServicer(pb_grpc.ShardServicer):
             compute_s=compute_s,
             position=session.position,
         )
-        push = None
-        if len(request.push):  # the next server's step is on the critical path: sent before replying here
+        if len(request.push):  # the next server's step is on the critical path: pushed before replying here
             if self.runtime.push is None:
                 result.push_error = "this server does not push"
-            else:
-                push = self.runtime.push.push(request, result.hidden_states)
-                result.push_error = push.error
+            else:  # the client waits on the last server, not on this answer: the ack costs it nothing
+                result.push_error = self.runtime.push.push(request, result.hidden_states)
         result.handle_s = time.perf_counter() - began
-        return pb.InferenceResponse(step=result), push
+        return pb.InferenceResponse(step=result)
 
-    def _abort_route(self, step: pb.Step, error: Exception) -> None:
-        """A step refused here that should have been pushed on: the route's last server, which the client
-        waits on, is told at once (in the background) instead of letting the client wait for its timeout."""
-        if len(step.push) and self.runtime.push is not None:
-            message = f"the server before failed the step: {error}"
-            self.runtime.push.background.submit(self.runtime.push.abort, step.push[-1], message)
-
-    def _pushed(self, session: Session, wait: pb.AwaitPush) -> pb.PushRequest:
-        """The step ``wait.step_id`` pushed to this session (older, stale pushes are dropped)."""
+    def _pushed(self, session: Session, wait: pb.AwaitPush, context: grpc.ServicerContext) -> pb.PushRequest:
+        """The step ``wait.step_id`` pushed to this session (older, stale pushes are dropped). When none
+        comes in time, an abort: the client hears the step was not computed here, and sends it itself.
+        A client that went away (it replaced this hop) ends the wait within a second."""
         deadline = time.monotonic() + PUSH_WAIT_S
         while True:
+            remaining = deadline - time.monotonic()
             try:
-                pushed = session.inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
+                pushed = session.inbox.get(timeout=min(max(remaining, 0.0), 1.0))
             except queue.Empty:
-                raise SessionError(
-                    f"step {wait.step_id} of session {session.short_id} was never pushed within {PUSH_WAIT_S:g}s"
-                ) from None
+                if not context.is_active():
+                    raise SessionError(f"session {session.short_id}: the client closed its stream") from None
+                if remaining > 1.0:
+                    continue
+                reason = f"step {wait.step_id} was never pushed within {PUSH_WAIT_S:g}s"
+                return pb.PushRequest(step=pb.Step(step_id=wait.step_id), abort=reason)
             if pushed.step.step_id == wait.step_id:
                 return pushed
             if pushed.step.step_id > wait.step_id:
