@@ -1,11 +1,14 @@
 """LocalSwarm: a DHT node and several ``shardnet serve`` processes on 127.0.0.1, started and stopped together.
 
 Used by tests, benchmarks, ``servers/local_swarm.py`` and the quickstart. Every process is a real
-``python -m shardnet`` child; ``stop()`` sends SIGTERM, waits, and kills what is left.
+``python -m shardnet`` child; ``stop()`` sends SIGTERM, waits, and kills what is left. With a
+``network`` (``shardnet/netns.py``), each process runs on an emulated host of its own instead, and
+listens and announces on that host's address.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,16 +18,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import psutil
-
 from shardnet import process_template
 from shardnet.dht import ServerState, lookup, start_dht
 from shardnet.errors import ShardnetError
 from shardnet.models import derive_model_id, load_config
+from shardnet.netns import Host, HostNetwork
 from shardnet.process_template import ForkedProcess, TemplateProcess
 from shardnet.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
+_TCP_LISTEN = "0A"  # the LISTEN state in /proc/net/tcp
 PARENT_PID_ENV = "SHARDNET_PARENT_PID"  # set for every child; the CLI ties the child's life to this pid
 
 
@@ -52,12 +55,16 @@ class LocalSwarm:
         server_args: Sequence[Sequence[str]] | None = None,
         swarm_key_file: str | Path | None = None,
         preloaded: bool = True,
+        network: HostNetwork | None = None,
     ):
         """``extra_args`` go to every server; ``server_args``, one list per span, to that span's server only
         (e.g. its own ``--port`` and ``--announce-port``). ``swarm_key_file``: a private swarm, whose DHT
         node and servers all start with ``--swarm-key-file``. ``preloaded``: fork the processes from a
         template that imported shardnet once (``shardnet/process_template.py``; Linux), instead of
-        starting each interpreter afresh (what a benchmark of a server's own memory wants)."""
+        starting each interpreter afresh (what a benchmark of a server's own memory wants). ``network``:
+        run the DHT node and each server on a host of its own (the first one no running process of this
+        swarm is on, made if none is free), listening and announcing on its address; the caller closes
+        it after ``stop()``. This process, and the clients it makes, stay on the bridge host."""
         self.model_path = Path(model_path)
         self.spans = list(spans)
         self.dtype = dtype
@@ -79,22 +86,36 @@ class LocalSwarm:
         self._logs: list = []
         self._labels: dict[int, str] = {}  # server pid -> what it was asked to serve, e.g. "--blocks 0:3"
         self._announce_ports: dict[int, int] = {}  # server pid -> its --announce-port, where it has one
+        self.network = network
+        self._hosts: dict[int, Host] = {}  # pid -> the host it runs on, with a network
+        self._announce_hosts: dict[int, str] = {}  # server pid -> the host it announces, with a network
         self._probe = None  # a client-mode DHT node of our own, for wait_ready
 
-    def _spawn(self, args: list[str], name: str, stdout=None) -> subprocess.Popen | ForkedProcess:
+    def _spawn(
+        self, args: list[str], name: str, stdout=None, host: Host | None = None
+    ) -> subprocess.Popen | ForkedProcess:
         log_path = self.log_dir / f"{name}.log" if self.log_dir else None
         # PARENT_PID_ENV: the child asks the kernel for SIGTERM when we die, even by SIGKILL (see cli.py),
         # since its own session keeps it out of reach of our process group.
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_PID_ENV: str(os.getpid())})
         if self.preloaded:  # forked from the template: its parent there, and a session of its own too
-            return TemplateProcess.shared().spawn(args, env, log_path, stdout_pipe=stdout is not None)
+            process = TemplateProcess.shared().spawn(
+                args, env, log_path, stdout_pipe=stdout is not None, netns=host.netns if host else None
+            )
+        else:
+            process = self._popen(args, env, log_path, stdout, host)
+        if host:
+            self._hosts[process.pid] = host
+        return process
+
+    def _popen(self, args: list[str], env: dict, log_path: Path | None, stdout, host: Host | None):
         log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
         if log is not subprocess.DEVNULL:
             self._logs.append(log)
         # A session of its own: Ctrl-C at a terminal reaches only our process, which stops the children
         # in order (servers first, DHT last) instead of every process tearing itself down at once.
         return subprocess.Popen(
-            [sys.executable, "-m", "shardnet", *args],
+            [*(host.exec_prefix if host else []), sys.executable, "-m", "shardnet", *args],
             stdout=stdout or log,
             stderr=log,
             env=env,
@@ -102,9 +123,28 @@ class LocalSwarm:
             start_new_session=True,
         )
 
-    def start_dht(self, timeout_s: float = 60.0) -> list[str]:
+    def host_of(self, process: subprocess.Popen | ForkedProcess) -> Host | None:
+        """The host ``process`` (the DHT node or a server) runs on; None without a network."""
+        return self._hosts.get(process.pid)
+
+    def _place(self, host: Host | None) -> Host | None:
+        """``host``, or with a network the first host no running process of this swarm is on."""
+        if self.network is None:
+            if host is not None:
+                raise ValueError("a host to run on needs LocalSwarm(..., network=HostNetwork(...))")
+            return None
+        if host is not None:
+            return host
+        running = [self.dht_process, *self.servers]
+        taken = {self._hosts.get(p.pid) for p in running if p is not None and p.poll() is None}
+        free = [h for h in self.network.hosts if h not in taken]
+        return free[0] if free else self.network.add_host()
+
+    def start_dht(self, timeout_s: float = 60.0, host: Host | None = None) -> list[str]:
+        host = self._place(host)
+        address = host.address if host else "127.0.0.1"
         self.dht_process = self._spawn(
-            ["dht", "--host", "127.0.0.1", "--port", "0", *self._key_args()], "dht", stdout=subprocess.PIPE
+            ["dht", "--host", address, "--port", "0", *self._key_args()], "dht", subprocess.PIPE, host
         )
         first = _read_line(self.dht_process, timeout_s)
         if not first.startswith("/"):
@@ -118,15 +158,24 @@ class LocalSwarm:
     def _key_args(self) -> list[str]:
         return ["--swarm-key-file", str(self.swarm_key_file)] if self.swarm_key_file else []
 
-    def start_server(self, start: int, end: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
-        """A server for blocks start:end (``--blocks``)."""
-        return self._start_serve(["--blocks", f"{start}:{end}"], f"server_{start}_{end}", extra_args)
+    def start_server(
+        self, start: int, end: int, extra_args: Sequence[str] = (), host: Host | None = None
+    ) -> subprocess.Popen:
+        """A server for blocks start:end (``--blocks``); with a network, on ``host`` or a free one."""
+        return self._start_serve(["--blocks", f"{start}:{end}"], f"server_{start}_{end}", extra_args, host)
 
-    def start_server_choosing(self, num_blocks: int, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+    def start_server_choosing(
+        self, num_blocks: int, extra_args: Sequence[str] = (), host: Host | None = None
+    ) -> subprocess.Popen:
         """A server that chooses where to serve its ``num_blocks`` blocks (``--num-blocks``)."""
-        return self._start_serve(["--num-blocks", str(num_blocks)], f"server_n{num_blocks}", extra_args)
+        where = ["--num-blocks", str(num_blocks)]
+        return self._start_serve(where, f"server_n{num_blocks}", extra_args, host)
 
-    def _start_serve(self, where: list[str], name: str, extra_args: Sequence[str]) -> subprocess.Popen:
+    def _start_serve(
+        self, where: list[str], name: str, extra_args: Sequence[str], host: Host | None
+    ) -> subprocess.Popen:
+        host = self._place(host)
+        on_host = ["--host", host.address, "--dht-host", host.address] if host else []
         args = [
             "serve",
             "--model",
@@ -137,18 +186,22 @@ class LocalSwarm:
             "--initial-peers",
             *self.initial_peers,
             *self._key_args(),
+            *on_host,
             *self.extra_args,
             *extra_args,
         ]
         if self.torch_threads:
             args += ["--torch-threads", str(self.torch_threads)]
         copies = sum(1 for label in self._labels.values() if label == " ".join(where))
-        process = self._spawn(args, name if not copies else f"{name}.{copies}")  # replicas: .1, .2, ...
+        name = name if not copies else f"{name}.{copies}"  # replicas: .1, .2, ...
+        process = self._spawn(args, name, host=host)
         self.servers.append(process)
         self._labels[process.pid] = " ".join(where)
         announce_port = _last_value(args, "--announce-port")
         if announce_port is not None:  # the port wait_ready looks for in the DHT, not the one it listens on
             self._announce_ports[process.pid] = int(announce_port)
+        if host is not None:  # the address wait_ready looks for: --announce-host, else --host
+            self._announce_hosts[process.pid] = _last_value(args, "--announce-host") or host.address
         return process
 
     def start(self, timeout_s: float = 120.0) -> LocalSwarm:
@@ -162,12 +215,18 @@ class LocalSwarm:
             raise
         return self
 
-    def online_ports(self) -> set[int]:
-        """gRPC ports of the servers the DHT shows ONLINE (a killed server's record lingers until it expires)."""
-        ports = set()
+    def online_addresses(self) -> set[tuple[str, int]]:
+        """(host, gRPC port) of the servers the DHT shows ONLINE (a killed server's record lingers until
+        it expires)."""
+        addresses = set()
         for views in lookup(self._probe, self.model_id, self.num_blocks):
-            ports |= {v.record.port for v in views if v.record.state == ServerState.ONLINE.value}
-        return ports
+            online = [v.record for v in views if v.record.state == ServerState.ONLINE.value]
+            addresses |= {(record.host, record.port) for record in online}
+        return addresses
+
+    def online_ports(self) -> set[int]:
+        """gRPC ports of the servers the DHT shows ONLINE."""
+        return {port for _, port in self.online_addresses()}
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Poll the DHT until every running server is ONLINE (or one fails, or time runs out)."""
@@ -177,22 +236,27 @@ class LocalSwarm:
             for process in self.servers:
                 if process.poll() is None:
                     running.append(process)
-                elif process.returncode != -signal.SIGKILL:  # killed on purpose by a test: not a failure
+                elif process.returncode not in (0, -signal.SIGKILL):  # drained, or killed by a test: fine
                     raise SwarmStartError(
                         f"server {self._labels.get(process.pid, '?')} exited with {process.returncode}"
                     )
-            online, waiting = self.online_ports(), []
-            for process in running:
-                announced = self._announce_ports.get(process.pid)
-                ports = {announced} if announced else _listening_ports(process.pid)
-                if not ports & online:
-                    waiting.append(process)
+            online = self.online_addresses()
+            waiting = [process for process in running if not self._is_online(process, online)]
             if not waiting:
                 return
             if time.monotonic() > deadline:
                 spans = [self._labels.get(process.pid, "?") for process in waiting]
                 raise SwarmStartError(f"servers {spans} not online after {timeout_s}s")
             time.sleep(0.2)
+
+    def _is_online(self, process, online: set[tuple[str, int]]) -> bool:
+        announced = self._announce_ports.get(process.pid)
+        ports = {announced} if announced else _listening_ports(process.pid)
+        address = self._announce_hosts.get(process.pid)
+        if address is None:
+            return bool(ports & {port for _, port in online})
+        # A port number can repeat on another host: the address tells the servers apart.
+        return any((address, port) in online for port in ports)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM servers, then the DHT (reverse order of start); kill whatever is still alive."""
@@ -215,6 +279,8 @@ class LocalSwarm:
         self.servers.clear()
         self._labels.clear()
         self._announce_ports.clear()
+        self._hosts.clear()
+        self._announce_hosts.clear()
         self.dht_process = None
 
     def __enter__(self) -> LocalSwarm:
@@ -231,9 +297,23 @@ def _last_value(args: Sequence[str], flag: str) -> str | None:
 
 
 def _listening_ports(pid: int) -> set[int]:
+    """TCP ports process ``pid`` listens on, in its own network namespace (psutil reads the caller's)."""
     try:
-        return {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"}
-    except psutil.Error:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        ports = set()
+        for table in ("tcp", "tcp6"):
+            with contextlib.suppress(FileNotFoundError):  # no IPv6
+                for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                    fields = line.split()  # sl local_address rem_address st ... inode
+                    if fields[3] == _TCP_LISTEN and fields[9] in inodes:
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        return ports
+    except OSError:  # the process is gone
         return set()
 
 
@@ -245,8 +325,15 @@ def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
     selector.register(process.stdout, selectors.EVENT_READ)
     if not selector.select(timeout_s):
         process.kill()
-        raise SwarmStartError(f"{process.args[2:4]} printed nothing in {timeout_s}s")
+        raise SwarmStartError(f"{_command(process)} printed nothing in {timeout_s}s")
     line = process.stdout.readline()
     if not line:
-        raise SwarmStartError(f"{process.args[2:4]} exited with {process.wait()} before printing a line")
+        raise SwarmStartError(f"{_command(process)} exited with {process.wait()} before printing a line")
     return line
+
+
+def _command(process: subprocess.Popen | ForkedProcess) -> list[str]:
+    """The shardnet command and first argument of a child, e.g. ``['dht', '--host']``."""
+    args = list(process.args)
+    start = args.index("shardnet") + 1 if "shardnet" in args else 0
+    return args[start : start + 2]

@@ -8,7 +8,9 @@ A forked server is ready in about 0.5 s, having used 0.2 CPU-seconds of its own.
 
 Each child runs exactly what ``python -m shardnet ARGS`` runs (``runpy``: ``shardnet/__main__.py``), in a session of
 its own, with its own environment, stdin on /dev/null and stdout/stderr on its log file (or on a pipe
-the launcher reads). What cannot differ from a fresh interpreter: environment variables that the
+the launcher reads), and optionally on an emulated host of its own (a network namespace, ``shardnet/netns.py``),
+entered before it runs anything. A child can also run a Python file instead (``python FILE ARGS``), e.g. a
+test's client on a host of its own. What cannot differ from a fresh interpreter: environment variables that the
 libraries read at import (``shardnet/process_env.py`` sets them in the template first).
 
 Lifetimes follow ``LocalSwarm``'s rules for plain children. The template dies with the process that
@@ -35,6 +37,8 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+from shardnet import netns
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +157,25 @@ class TemplateProcess:
             return cls._shared
 
     def spawn(
-        self, argv: Sequence[str], env: dict[str, str], log_path: Path | None, stdout_pipe: bool = False
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        log_path: Path | None,
+        stdout_pipe: bool = False,
+        netns: str | None = None,
+        script: Path | None = None,
     ) -> ForkedProcess:
         """Fork ``shardnet ARGV``; its stdout and stderr go to ``log_path`` (None: /dev/null), or its
-        stdout to a pipe whose read end becomes ``ForkedProcess.stdout`` (text) with ``stdout_pipe``."""
+        stdout to a pipe whose read end becomes ``ForkedProcess.stdout`` (text) with ``stdout_pipe``.
+        ``netns``: the network namespace it runs in (``netns.HostNetwork``); None: the template's.
+        ``script``: run this Python file with ARGV instead (``python SCRIPT ARGV``)."""
         request = {
             "argv": list(argv),
             "env": env,
             "log": str(log_path) if log_path else None,
             "stdout": stdout_pipe,
+            "netns": netns,
+            "script": str(script) if script else None,
         }
         read_end = write_end = None
         if stdout_pipe:
@@ -186,7 +200,8 @@ class TemplateProcess:
                 os.close(read_end)
             raise RuntimeError(f"the process template could not start {argv[:1]}: {answer['error']}")
         stdout = os.fdopen(read_end, "r") if read_end is not None else None
-        return ForkedProcess(self, answer["started"], [sys.executable, "-m", "shardnet", *argv], stdout)
+        command = [str(script)] if script else ["-m", "shardnet"]
+        return ForkedProcess(self, answer["started"], [sys.executable, *command, *argv], stdout)
 
     def _next_answer(self) -> dict:
         with self._state:
@@ -311,7 +326,8 @@ def _fork(request: dict, stdout_fd: int | None, closing: tuple[int, ...]) -> dic
         if log is not None:
             os.close(log)
         return {"started": pid}
-    # The child: from here on it is `python -m shardnet ARGV`, and never returns into the template's loop.
+    # The child: from here on it is `python -m shardnet ARGV` (or `python SCRIPT ARGV`), and never returns
+    # into the template's loop.
     code = 1
     try:
         for fd in closing:
@@ -327,10 +343,18 @@ def _fork(request: dict, stdout_fd: int | None, closing: tuple[int, ...]) -> dic
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own standard streams
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        if request.get("netns"):  # single-threaded still, and no socket open: all it starts lives there
+            netns.enter(request["netns"])
         os.environ.clear()
         os.environ.update(request["env"], SHARDNET_PARENT_PID=str(os.getppid()))
-        sys.argv = ["shardnet", *request["argv"]]
-        runpy.run_module("shardnet", run_name="__main__", alter_sys=True)  # what `python -m shardnet` runs
+        if request.get("script"):  # what `python SCRIPT ARGV` runs
+            sys.argv = [request["script"], *request["argv"]]
+            sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))
+            runpy.run_path(request["script"], run_name="__main__")
+            code = 0  # it ended without sys.exit
+        else:  # what `python -m shardnet ARGV` runs
+            sys.argv = ["shardnet", *request["argv"]]
+            runpy.run_module("shardnet", run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # noqa: BLE001 - a child's crash is reported as python's would be
