@@ -10,7 +10,8 @@ Stateless forwards (``client/forward.py``), inference sessions (``client/session
   then failed (died, refused, answered late). A server that cannot be reached at all when a session is
   opened on it (its record outlived it: "Connection refused") is not charged: it is excluded for this
   request and the next holder is tried, so a dead server's stale records never use up the budget while
-  live replicas stand ready. What bounds those tries is the route timeout (``RoutePlanner.route``).
+  live replicas stand ready; the same holds for a stateless forward. What bounds those tries is the
+  route timeout (``RoutePlanner.route``).
 - **Bans.** A server that failed is avoided by every model of the process for a backoff that doubles
   (``ServerHealth``), except when the failure says nothing about the server: it ended the session on its
   own (idle reclaim, drain), or the session is gone there.
@@ -84,7 +85,8 @@ class Failover:
         """A hop failed this request: raise what no retry can fix, or what is left after ``max_retries``;
         else ban the server (unless the failure was not its own) and exclude it from this request.
 
-        ``opening``: it failed while a session was being opened on it, before serving this request."""
+        ``opening``: it failed before serving any of this request (a session being opened on it, or a
+        stateless forward sent to it), so an unreachable server is a stale record, not a failover."""
         if not self.retryable(error):
             raise error
         unreachable = opening and isinstance(error, ServerUnavailableError)

@@ -73,7 +73,7 @@ def forward_through_swarm(
         try:
             hidden = _forward_hop(transport, hop, model_id, hidden, extra, budget)
         except ShardnetError as error:
-            failover.failed(hop, error)
+            failover.failed(hop, error, opening=True)  # nothing is kept there: every hop starts afresh
             route = planner.route(hop.start, num_blocks, exclude=failover.excluded)
             logger.info("forward: %s failed (%s); rerouted to %s", hop, error, describe(route))
             index = 0

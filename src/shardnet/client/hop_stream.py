@@ -65,6 +65,14 @@ class NotPushedError(RemoteError):
     waiting, or the server before told it the route broke). It takes the step as a plain one instead."""
 
 
+class SessionMovedError(RemoteError):
+    """The server drains and handed the session to another holder (``moved``); nothing was computed."""
+
+    def __init__(self, message: str, moved: pb.Moved):
+        super().__init__(message)
+        self.moved = moved
+
+
 class SpanStream:
     """An open session on one server for blocks ``hop.start:hop.end``."""
 
@@ -78,7 +86,10 @@ class SpanStream:
         session_id: str,
         open_timeout_s: float,
         board: ReplyBoard | None = None,
+        adopt_token: bytes = b"",
     ):
+        """``adopt_token``: take over a session another server handed over here (see ``SessionMovedError``)
+        instead of opening an empty one."""
         self.hop = hop
         self.peer = f"{hop.server.short_id}@{hop.server.address}"
         self.position = 0  # positions in this server's cache, after any rollback still to send
@@ -104,6 +115,7 @@ class SpanStream:
                         max_length=max_length,
                         batch_size=batch_size,
                         session_id=session_id,
+                        adopt_token=adopt_token,
                     )
                 )
             )
@@ -213,6 +225,10 @@ class SpanStream:
             raise RemoteError(f"{self.peer}: reply does not answer step {step_id}")
         if reply.step.step_id < step_id:
             return None
+        if reply.step.HasField("moved"):
+            self.awaiting = None
+            moved = reply.step.moved
+            raise SessionMovedError(f"{self.peer}: drains; the session moved to {moved.address}", moved)
         if not reply.step.HasField("hidden_states"):  # the push never reached it: nothing computed
             self.awaiting = None
             raise NotPushedError(f"{self.peer}: step {step_id} was not pushed here: {reply.step.push_error}")

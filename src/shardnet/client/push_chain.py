@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from shardnet.client.failover import Failover
-from shardnet.client.hop_stream import HopTiming, NotPushedError, SpanStream
-from shardnet.errors import ShardnetError, StepTimeoutError
+from shardnet.client.hop_stream import HopTiming, NotPushedError, SessionMovedError, SpanStream
+from shardnet.errors import SessionExpiredError, ShardnetError, StepTimeoutError
 
 if TYPE_CHECKING:
     from shardnet.client.session import InferenceSession, SessionHop
@@ -112,6 +112,9 @@ class PushedStep:
         stream = self.streams[index]
         try:
             result = stream.step_result(stream.reply_of(item), self.step_ids[index])
+        except SessionMovedError as moved:
+            self._moved(index, moved)
+            return
         except NotPushedError:  # it gave up waiting for the push: it takes the step as a plain one
             self.undelivered[index] = True
             self._deliver_ready()
@@ -151,6 +154,25 @@ class PushedStep:
                     self.failed[index] = error
                     continue
                 self._session.health.count("delivered")
+
+    def _moved(self, index: int, moved: SessionMovedError) -> None:
+        """Hop ``index``'s server drains and handed the session over: send the step to its new home."""
+        adopted = self._session.adopt_hop(self.hops[index], moved.moved, self._failover)
+        if adopted is None:
+            self.failed[index] = SessionExpiredError(str(moved))
+            return
+        self.hops[index] = adopted
+        self._since.pop(index, None)
+        if index > 0:
+            self.undelivered[index] = True
+            self._deliver_ready()
+            return
+        step = adopted.stream.build_step(self.inputs[0], self._mask, self._positions, push=self.route)
+        self.step_ids[0] = step.step_id
+        try:
+            adopted.stream.send(step)
+        except ShardnetError as error:
+            self.failed[0] = error
 
     def _fail_over(self, index: int, error: ShardnetError) -> None:
         """Replace hop ``index`` (charged to the step's failover budget) and go on from its output."""

@@ -22,6 +22,7 @@ STREAM_ENDED = object()  # posted when a stream ends without an error
 class ReplyBoard:
     def __init__(self):
         self._posted: dict[object, deque] = {}  # stream -> replies (or an error, or STREAM_ENDED) not read
+        self._gone: set[int] = set()  # ids of closed streams, whose late replies are dropped
         self._changed = threading.Condition()
 
     def read(self, stream: object, replies: Iterator) -> threading.Thread:
@@ -41,6 +42,8 @@ class ReplyBoard:
 
     def _post(self, stream: object, item: object) -> None:
         with self._changed:
+            if id(stream) in self._gone:
+                return
             self._posted.setdefault(stream, deque()).append(item)
             self._changed.notify_all()
 
@@ -63,3 +66,4 @@ class ReplyBoard:
         """Drop what a closed stream still has on the board."""
         with self._changed:
             self._posted.pop(stream, None)
+            self._gone.add(id(stream))

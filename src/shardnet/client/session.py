@@ -20,16 +20,18 @@ import torch
 
 from shardnet.client.config import ClientConfig
 from shardnet.client.failover import Failover
+from shardnet.client.handoff import adopt_stream
 from shardnet.client.health import ServerHealth
 from shardnet.client.history import GrowingBuffer
-from shardnet.client.hop_stream import HopTiming, SpanStream
+from shardnet.client.hop_stream import HopTiming, SessionMovedError, SpanStream
 from shardnet.client.planner import RoutePlanner, SessionNeeds
 from shardnet.client.push_chain import PushedStep
 from shardnet.client.replies import ReplyBoard
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
 from shardnet.devices import HOST
-from shardnet.errors import GenerationError, ShardnetError
+from shardnet.errors import GenerationError, SessionExpiredError, ShardnetError
+from shardnet.wire import pb
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ class InferenceSession:
         self.batch_size = batch_size
         self.max_length = max_length
         self.position = 0
-        self.failovers = 0  # hops replaced so far
+        self.failovers = 0  # hops replaced so far (their history replayed)
+        self.handoffs = 0  # hops whose draining server handed the session over (nothing replayed)
         self.last_timings: list[HopTiming] = []
         self.health = health
         self.board = ReplyBoard()  # every stream's replies, as they come
@@ -160,8 +163,16 @@ class InferenceSession:
         """One hop's step, sent by the client and answered to it; replaced when it fails or is late."""
         new = hidden.shape[1]
         try:
-            budget = failover.budget_s(hop.hop, new, hop.stream.recent_s)
-            out, timing = hop.stream.step(hidden, mask, positions, budget)
+            while True:
+                budget = failover.budget_s(hop.hop, new, hop.stream.recent_s)
+                try:
+                    out, timing = hop.stream.step(hidden, mask, positions, budget)
+                    break
+                except SessionMovedError as moved:
+                    adopted = self.adopt_hop(hop, moved.moved, failover)
+                    if adopted is None:
+                        raise SessionExpiredError(str(moved)) from None
+                    hop = adopted
         except ShardnetError as error:
             failover.failed(hop.hop, error)
             replaced = len(self._hops)
@@ -206,7 +217,7 @@ class InferenceSession:
         index = self._hops.index(hop)
         hop.stream.close()
         self.health.session_closed(hop.hop.peer_id)
-        self._refresh_view()
+        self.refresh_view()
         replacements, replay.output = self._open(hop.hop.start, hop.hop.end, replay, failover)
         self._hops[index : index + 1] = replacements
         self.failovers += 1
@@ -220,6 +231,41 @@ class InferenceSession:
             replay.hidden.shape[1],
         )
         return replay.output
+
+    def adopt_hop(self, hop: SessionHop, moved: pb.Moved, failover: Failover) -> SessionHop | None:
+        """Open the session where ``hop``'s draining server handed it (``client/handoff.py``); returns the
+        new hop, now in ``hop``'s place, or None when that fails (then the caller replays)."""
+        stream = adopt_stream(self, hop, moved, failover)
+        if stream is None:
+            return None
+        adopted = SessionHop(stream, hop.inputs)  # the same history: nothing to replay
+        self._hops[self._hops.index(hop)] = adopted
+        hop.stream.close()
+        self.health.session_closed(hop.hop.peer_id)
+        self.health.session_opened(stream.hop.peer_id)
+        self.handoffs += 1
+        self.health.count("handoffs")
+        logger.info("session=%s: %s handed over to %s, nothing replayed", self.short_id, hop.hop, stream.hop)
+        return adopted
+
+    def open_stream(self, route_hop: RouteHop, open_timeout_s: float, adopt_token: bytes = b"") -> SpanStream:
+        """A stream of this session to ``route_hop``'s server: a new session there, or an adopted one."""
+        return SpanStream(
+            self._transport,
+            route_hop,
+            self.model_id,
+            self.batch_size,
+            self.max_length,
+            self.session_id,
+            open_timeout_s,
+            self.board,
+            adopt_token=adopt_token,
+        )
+
+    @property
+    def view(self):
+        """The swarm view routes come from."""
+        return self._planner.view
 
     def _collect(self) -> None:
         """Read the answers the last pushed step still owes, into the replay history (see PushedStep)."""
@@ -278,7 +324,7 @@ class InferenceSession:
                         hop, hidden = self._open_hop(route_hop, hidden, replay, failover)
                     except ShardnetError as error:
                         failover.failed(route_hop, error, opening=True)
-                        self._refresh_view()
+                        self.refresh_view()
                         break  # route the rest again, without the server that just failed
                     reserved.pop(0)
                     hops.append(hop)
@@ -295,10 +341,10 @@ class InferenceSession:
             raise
         return hops, hidden
 
-    def _refresh_view(self) -> None:
+    def refresh_view(self, max_age_s: float = 1.0) -> None:
         """Off the per-token path: look again now, so a server that announced DRAINING is passed over."""
         try:
-            self._planner.view.refresh(max_age_s=1.0)
+            self._planner.view.refresh(max_age_s=max_age_s)
         except ShardnetError as exc:
             logger.warning(
                 "session=%s: swarm refresh failed, routing on the last view: %s", self.short_id, exc
@@ -309,16 +355,7 @@ class InferenceSession:
     ) -> tuple[SessionHop, torch.Tensor | None]:
         """Open one server's session and replay ``hidden`` into it; returns it and the replay's output."""
         config = self._config
-        stream = SpanStream(
-            self._transport,
-            route_hop,
-            self.model_id,
-            self.batch_size,
-            self.max_length,
-            self.session_id,
-            failover.budget_s(route_hop, 0),
-            self.board,
-        )
+        stream = self.open_stream(route_hop, failover.budget_s(route_hop, 0))
         inputs = GrowingBuffer(self.max_length)
         out = None
         try:

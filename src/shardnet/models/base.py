@@ -50,6 +50,19 @@ class SpanModule(nn.Module, ABC):
     def reorder_cache(self, cache: object, start: int, end: int, rows: torch.Tensor) -> None:
         """Row i of blocks ``start:end`` in ``cache`` becomes old row ``rows[i]`` ([batch] int64)."""
 
+    def export_cache(
+        self, cache: object, start: int, end: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Blocks ``start:end`` of ``cache`` as (keys, values, positions seen) per block, for a hand-off
+        to another server (``import_cache`` there). Keys and values: [batch, kv heads, kept, head dim]."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hand its sessions over")
+
+    def import_cache(
+        self, cache: object, start: int, end: int, layers: list[tuple[torch.Tensor, torch.Tensor, int]]
+    ) -> None:
+        """Fill blocks ``start:end`` of a fresh ``new_cache()`` with what ``export_cache`` gave elsewhere."""
+        raise NotImplementedError(f"{type(self).__name__} cannot adopt sessions")
+
     def stack_caches(
         self, caches: list[object], batch_sizes: list[int], start: int, end: int, frame: int
     ) -> object | None:

@@ -70,6 +70,12 @@ class DecoderSpan(SpanModule):
     def reorder_cache(self, cache: hf_compat.Cache, start: int, end: int, rows: torch.Tensor) -> None:
         hf_compat.reorder_layers(cache, start, end, rows)
 
+    def export_cache(self, cache: hf_compat.Cache, start: int, end: int) -> list:
+        return hf_compat.export_layers(cache, start, end)
+
+    def import_cache(self, cache: hf_compat.Cache, start: int, end: int, layers: list) -> None:
+        hf_compat.import_layers(cache, start, end, layers)
+
     def stack_caches(
         self, caches: list[hf_compat.Cache], batch_sizes: list[int], start: int, end: int, frame: int
     ) -> hf_compat.Cache:

@@ -199,6 +199,36 @@ def reorder_layers(cache: Cache, start: int, end: int, rows: torch.Tensor) -> No
         layer.reorder_cache(rows)
 
 
+def export_layers(cache: Cache, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Layers ``start:end`` as (keys, values, positions seen), for a hand-off to another server.
+
+    A ``DynamicLayer`` keeps every position it saw; a ``DynamicSlidingWindowLayer`` may keep fewer after
+    a ``crop`` (its ``get_seq_length()`` is ``cumulative_length``, what it saw). Checked 5.23.0 to
+    5.25.0. Breaks if a layer grows state beyond keys, values and that count: an adopted session would
+    then diverge, which tests/test_handoff.py catches (it compares tokens with local).
+    """
+    exported = []
+    for layer in cache.layers[start:end]:
+        if not layer.is_initialized:
+            raise ValueError("a layer of the span holds nothing yet")
+        exported.append((layer.keys, layer.values, int(layer.get_seq_length())))
+    return exported
+
+
+def import_layers(
+    cache: Cache, start: int, end: int, layers: list[tuple[torch.Tensor, torch.Tensor, int]]
+) -> None:
+    """Fill the empty layers ``start:end`` of a fresh ``session_cache`` with ``export_layers``' output.
+
+    ``update`` initializes a layer as its first step would (device, dtype); a sliding layer's
+    ``cumulative_length`` is then set to what the sender's layer saw (checked 5.23.0 to 5.25.0).
+    """
+    for layer, (keys, values, seen) in zip(cache.layers[start:end], layers, strict=True):
+        layer.update(keys, values)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = seen
+
+
 class StackedLayer(DynamicLayer):
     """Layer ``index`` of several sessions' caches as one left-padded key/value frame, for one batched
     decode step (``stacked_cache``).

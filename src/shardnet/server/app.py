@@ -21,7 +21,7 @@ from shardnet.devices import (
     resolve_device,
     resolve_dtype,
 )
-from shardnet.dht import ServerRecord, ServerState, announce, lookup, start_dht, visible_maddrs
+from shardnet.dht import ServerRecord, ServerState, ServerView, announce, lookup, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
 from shardnet.models import (
     Checkpoint,
@@ -39,6 +39,7 @@ from shardnet.server.block_choice import Peers
 from shardnet.server.compute_queue import ComputeQueue
 from shardnet.server.config import ServerConfig
 from shardnet.server.fit import GIB, SpanFootprint, check_fit
+from shardnet.server.handoff import HandOff
 from shardnet.server.placement import FirstLook, Placement
 from shardnet.server.push import PushSender
 from shardnet.server.reaper import IdleReaper
@@ -184,6 +185,10 @@ class Server:
             tls_fingerprint=self.tls_fingerprint,
         )
 
+    def _holders(self) -> list[ServerView]:
+        """Every server of this model in the DHT now, once per block it holds (a hand-off's candidates)."""
+        return [view for views in lookup(self.dht, self.model_id, self.num_blocks) for view in views]
+
     def _announced_addresses(self) -> dict[str, str]:
         """host:port -> TLS fingerprint of every server of this model in the DHT: the only addresses this
         one pushes to, each over TLS pinned to its certificate if it announced one."""
@@ -272,6 +277,14 @@ class Server:
             signer = CallSigner(cfg.swarm_key) if cfg.swarm_key else None
             self.runtime.push = PushSender(
                 self._announced_addresses, grpc_options(cfg.max_message_bytes), signer=signer
+            )
+            self.runtime.handoff = HandOff(
+                self._holders,
+                self.dht.peer_id.to_base58(),
+                dtype_name(self.dtype),
+                cfg.quant,
+                grpc_options(cfg.max_message_bytes),
+                signer,
             )
             server = self._start_grpc()
         except BaseException:

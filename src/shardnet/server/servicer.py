@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from shardnet.dht import ServerState
 from shardnet.errors import InvalidRequestError, ServerUnavailableError, SessionError, ShardnetError
 from shardnet.server.backend import SpanBackend, StepInput
+from shardnet.server.handoff import HandOff, adopt
 from shardnet.server.push import PushSender
 from shardnet.server.request_rate import RequestRate
 from shardnet.server.sessions import Session, SessionTable
@@ -45,6 +46,7 @@ class ServerRuntime:
     backend: SpanBackend | None = None  # None until the span's weights are loaded
     push: PushSender | None = None  # passes step outputs on to the next server (None: push refused)
     rate: RequestRate | None = None  # per-client rate of Info, Forward and opens (None: unlimited)
+    handoff: HandOff | None = None  # gives sessions to other holders while draining (None: never)
 
     def admit(self, context: grpc.ServicerContext, what: str) -> None:
         if self.rate is not None:
@@ -165,6 +167,10 @@ class ShardServicer(pb_grpc.ShardServicer):
                             )
                             continue
                         step = pushed.step
+                    moved = self._hand_off(session)
+                    if moved is not None:  # nothing computed here: the client sends the step there
+                        yield pb.InferenceResponse(step=pb.StepResult(step_id=step.step_id, moved=moved))
+                        return
                     yield self._step(session, step)
                 else:
                     raise InvalidRequestError("empty InferenceRequest: set open or step")
@@ -176,12 +182,35 @@ class ShardServicer(pb_grpc.ShardServicer):
             if session is not None:
                 self.runtime.sessions.close(session)
 
+    def _hand_off(self, session: Session) -> pb.Moved | None:
+        """While draining, give the session to another holder instead of running its next step."""
+        runtime = self.runtime
+        if runtime.state != ServerState.DRAINING or runtime.handoff is None or runtime.backend is None:
+            return None
+        try:
+            moved = runtime.handoff.hand_off(session, runtime.backend)
+        except Exception:  # the step runs here instead; replay stays the client's fallback
+            logger.exception("hand-off of session=%s failed", session.short_id)
+            return None
+        if moved is not None:
+            self.runtime.sessions.close(session)
+        return moved
+
     def _open(self, request: pb.OpenSession, context: grpc.ServicerContext) -> Session:
         self.runtime.admit(context, "opening a session")
         backend = self.runtime.ready_backend()
         backend.check_model(request.model_id)
         backend.check_span(request.span.start, request.span.end)
         backend.check_session_shape(request.batch_size, request.max_length)
+        if request.adopt_token:
+            session = self.runtime.sessions.claim(
+                request.adopt_token, cancel=context.cancel, client=context.peer()
+            )
+            described = (session.start, session.end, session.batch_size, session.max_length)
+            if described != (request.span.start, request.span.end, request.batch_size, request.max_length):
+                self.runtime.sessions.close(session)
+                raise InvalidRequestError("the session handed over here has another span or shape")
+            return session
         return self.runtime.sessions.open(
             request.span.start,
             request.span.end,
@@ -251,9 +280,18 @@ class ShardServicer(pb_grpc.ShardServicer):
             if pushed.step.step_id > wait.step_id:
                 raise SessionError(f"pushed step {pushed.step.step_id} while waiting for step {wait.step_id}")
 
-    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushAck:
+    def Adopt(
+        self, request_iterator: Iterator[pb.AdoptRequest], context: grpc.ServicerContext
+    ) -> pb.AdoptReply:
         try:
-            self.runtime.ready_backend()
+            self.runtime.admit(context, "adopting a session")
+            backend = self.runtime.ready_backend()
+            return pb.AdoptReply(adopt_token=adopt(request_iterator, backend, self.runtime.sessions))
+        except Exception as error:  # every failure becomes a status; the server keeps serving
+            self._abort(context, error)
+
+    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushAck:
+        try:  # a draining server still takes its open sessions' steps (to run or to hand over)
             session = self.runtime.sessions.pushed_to(request.push_token)
             session.inbox.put(request)
             return pb.PushAck()
@@ -313,6 +351,11 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
         )
         for name, request, response in unary
     }
+    handlers["Adopt"] = grpc.stream_unary_rpc_method_handler(
+        lambda requests, context: servicer.Adopt(_decoded(requests), context),
+        request_deserializer=_lenient(pb.AdoptRequest),
+        response_serializer=pb.AdoptReply.SerializeToString,
+    )
     handlers["Inference"] = grpc.stream_stream_rpc_method_handler(
         lambda requests, context: servicer.Inference(_decoded(requests), context),
         request_deserializer=_lenient(pb.InferenceRequest),

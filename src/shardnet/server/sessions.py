@@ -78,6 +78,7 @@ class SessionTable:
         self.on_change: Callable[[], None] | None = None
         self._sessions: dict[str, Session] = {}
         self._by_token: dict[bytes, Session] = {}
+        self._adoptable: dict[bytes, Session] = {}  # adoption token -> a handed-over session, not claimed yet
         self._served = 0
         self._lock = threading.Lock()
 
@@ -169,6 +170,35 @@ class SessionTable:
                 session.compute_s,
             )
             self._changed()
+
+    def hold_for_adoption(self, session: Session, claim_s: float) -> bytes:
+        """Keep a session another server handed over until its client claims it with the returned token;
+        closed if nobody does within ``claim_s``."""
+        token = secrets.token_bytes(16)
+        session.cancel = lambda: self.close(session)
+        with self._lock:
+            self._adoptable[token] = session
+        timer = threading.Timer(claim_s, self._unclaimed, args=(token,))
+        timer.daemon = True
+        timer.start()
+        return token
+
+    def _unclaimed(self, token: bytes) -> None:
+        with self._lock:
+            session = self._adoptable.pop(token, None)
+        if session is not None:
+            logger.info("closing handed-over session=%s: its client never came", session.short_id)
+            self.close(session)
+
+    def claim(self, token: bytes, cancel: Callable[[], None], client: str) -> Session:
+        """The handed-over session ``token`` names, now its client's (its stream ends it)."""
+        with self._lock:
+            session = self._adoptable.pop(token, None)
+            if session is None or session.session_id not in self._sessions:
+                raise SessionError("no session was handed over here with that token (or it expired)")
+            session.cancel, session.client = cancel, client
+            session.last_active_s = time.monotonic()
+        return session
 
     def pushed_to(self, push_token: bytes) -> Session:
         """The open session a pushing server names by its token."""

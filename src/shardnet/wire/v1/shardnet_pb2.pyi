@@ -105,18 +105,20 @@ class AwaitPush(_message.Message):
     def __init__(self, step_id: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_id", "span", "max_length", "batch_size", "session_id")
+    __slots__ = ("model_id", "span", "max_length", "batch_size", "session_id", "adopt_token")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     span: Span
     max_length: int
     batch_size: int
     session_id: str
-    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    adopt_token: bytes
+    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., session_id: _Optional[str] = ..., adopt_token: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "position", "hidden_states", "attention_mask", "position_ids", "hypo_ids", "push")
@@ -183,17 +185,53 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., cache_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s", "push_error")
+    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s", "push_error", "moved")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     HANDLE_S_FIELD_NUMBER: _ClassVar[int]
     PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     compute_s: float
     position: int
     handle_s: float
     push_error: str
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ..., push_error: _Optional[str] = ...) -> None: ...
+    moved: Moved
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ..., push_error: _Optional[str] = ..., moved: _Optional[_Union[Moved, _Mapping]] = ...) -> None: ...
+
+class Moved(_message.Message):
+    __slots__ = ("address", "peer_id", "adopt_token")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    peer_id: str
+    adopt_token: bytes
+    def __init__(self, address: _Optional[str] = ..., peer_id: _Optional[str] = ..., adopt_token: _Optional[bytes] = ...) -> None: ...
+
+class AdoptRequest(_message.Message):
+    __slots__ = ("open", "position", "attention_mask", "layer", "keys", "values", "seen")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    SEEN_FIELD_NUMBER: _ClassVar[int]
+    open: OpenSession
+    position: int
+    attention_mask: Tensor
+    layer: int
+    keys: Tensor
+    values: Tensor
+    seen: int
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., position: _Optional[int] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., layer: _Optional[int] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., seen: _Optional[int] = ...) -> None: ...
+
+class AdoptReply(_message.Message):
+    __slots__ = ("adopt_token",)
+    ADOPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    adopt_token: bytes
+    def __init__(self, adopt_token: _Optional[bytes] = ...) -> None: ...

@@ -55,6 +55,11 @@ class ShardStub:
                 request_serializer=shardnet_dot_v1_dot_shardnet__pb2.PushRequest.SerializeToString,
                 response_deserializer=shardnet_dot_v1_dot_shardnet__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.Adopt = channel.stream_unary(
+                '/shardnet.v1.Shard/Adopt',
+                request_serializer=shardnet_dot_v1_dot_shardnet__pb2.AdoptRequest.SerializeToString,
+                response_deserializer=shardnet_dot_v1_dot_shardnet__pb2.AdoptReply.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -93,6 +98,17 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Adopt(self, request_iterator, context):
+        """Server-to-server hand-off: a draining server gives one open session (its KV cache) to another holder
+        of the session's blocks. The first message describes the session, every message carries one layer.
+        Answered with the token the client opens the session here with (OpenSession.adopt_token); the server
+        before tells the client where its session went (StepResult.moved), and the client goes on there
+        without replaying its history. A session nobody claims is closed after a minute.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +131,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=shardnet_dot_v1_dot_shardnet__pb2.PushRequest.FromString,
                     response_serializer=shardnet_dot_v1_dot_shardnet__pb2.PushAck.SerializeToString,
+            ),
+            'Adopt': grpc.stream_unary_rpc_method_handler(
+                    servicer.Adopt,
+                    request_deserializer=shardnet_dot_v1_dot_shardnet__pb2.AdoptRequest.FromString,
+                    response_serializer=shardnet_dot_v1_dot_shardnet__pb2.AdoptReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +247,33 @@ class Shard:
             '/shardnet.v1.Shard/Push',
             shardnet_dot_v1_dot_shardnet__pb2.PushRequest.SerializeToString,
             shardnet_dot_v1_dot_shardnet__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Adopt(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shardnet.v1.Shard/Adopt',
+            shardnet_dot_v1_dot_shardnet__pb2.AdoptRequest.SerializeToString,
+            shardnet_dot_v1_dot_shardnet__pb2.AdoptReply.FromString,
             options,
             channel_credentials,
             insecure,
