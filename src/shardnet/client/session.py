@@ -90,7 +90,7 @@ class InferenceSession:
             None  # the step running: mask, positions
         )
         self._hops: list[SessionHop] = []
-        self._uncollected: PushedStep | None = None
+        self._uncollected: list[PushedStep] = []  # chains of the last step that still owe answers
         self._hops, _ = self._open(*blocks, None, self._failover())
         logger.info(
             "session open session=%s route=%s max_length=%d batch=%d",
@@ -138,7 +138,7 @@ class InferenceSession:
                     hidden = chain.run()
                     timings.extend(chain.timings)
                     if not all(chain.settled):
-                        self._uncollected = chain
+                        self._uncollected.append(chain)  # a step may run as several chains
                 else:
                     hidden = self._step_hop(self._hops[index], hidden, mask, positions, failover, timings)
                 index = self._hops.index(after) if after is not None else len(self._hops)
@@ -269,9 +269,9 @@ class InferenceSession:
 
     def _collect(self) -> None:
         """Read the answers the last pushed step still owes, into the replay history (see PushedStep)."""
-        pending, self._uncollected = self._uncollected, None
-        if pending is not None:
-            pending.collect()
+        pending, self._uncollected = self._uncollected, []
+        for chain in pending:
+            chain.collect()
 
     # ---- what generation does between steps: beam reorders, rollbacks ----
 
