@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import random
-import selectors
 import signal
 import threading
 import time
@@ -22,14 +20,13 @@ from dataclasses import dataclass, field
 import psutil
 
 from shardnet.dht import ServerState, lookup
-from shardnet.launch import PARENT_PID_ENV, LocalSwarm
-from shardnet.process_template import TemplateProcess
+from shardnet.launch import LocalSwarm
 
 logger = logging.getLogger("benchmarks.chaos")
 FAULT_KINDS = ("kill9_restart", "freeze", "link_cut_servers", "link_cut_client", "dht_restart", "drain")
 FREEZE_S = 4.0  # SIGSTOP to SIGCONT
 LINK_CUT_S = (3.0, 8.0)  # a cut link stays cut for a uniform draw from this range
-DHT_DOWN_S = (3.0, 6.0)  # the bootstrap node stays dead this long before a new one starts
+DHT_DOWN_S = (3.0, 6.0)  # the bootstrap node stays dead this long before it restarts (same maddr)
 RESTART_AFTER_S = (1.0, 3.0)  # a killed server's replacement starts this long after the kill
 EXTRA_PEERS = 3  # a replacement's initial peers: the bootstrap node and this many servers' DHT nodes
 
@@ -80,7 +77,6 @@ class Nemesis:
         self._busy: set[int] = set()  # servers under a fault now
         self._cycle: list[str] = []
         self._threads: list[threading.Thread] = []  # DHT node restarts
-        self._dht_host = swarm.host_of(swarm.dht_process)  # None on loopback
 
     # -- the loop --
 
@@ -207,13 +203,12 @@ class Nemesis:
         old = self.swarm.dht_process
         if old is None or old.poll() is not None:
             return None
-        host = self._dht_host  # a restarted node is not LocalSwarm's own: it does not know its host
         old.kill()
         fault = Fault("dht_restart", "dht", self.clock())
 
         def restart() -> None:  # in a thread: a new node takes seconds to join, the schedule goes on
             try:
-                fault.detail["new_peer"] = restart_dht(self.swarm, self.watcher, host, len(self._threads))
+                fault.detail["peer"] = self.swarm.restart_dht()  # same identity, port and host: same maddr
                 self.ledger[self.swarm.dht_process.pid] = _create_time(self.swarm.dht_process.pid)
             except Exception as exc:  # noqa: BLE001 (reported: the swarm runs on without a bootstrap node)
                 fault.detail["restart_error"] = f"{type(exc).__name__}: {exc}"
@@ -328,29 +323,6 @@ class Nemesis:
                     self.ledger.setdefault(member.pid, member.create_time())
             except psutil.Error:
                 continue
-
-
-def restart_dht(swarm: LocalSwarm, watcher, host, generation: int) -> str:
-    """A new bootstrap node that joins the servers' DHT nodes (it cannot keep the dead one's peer id:
-    ``shardnet dht`` takes no identity); it becomes the initial peer of servers started from now on."""
-    peers = server_dht_maddrs(swarm, watcher)
-    if not peers:
-        raise RuntimeError("the watcher's DHT node knows no ONLINE server's address")
-    address = host.address if host else "127.0.0.1"
-    args = ["dht", "--host", address, "--port", "0", "--initial-peers", *peers]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_PID_ENV: str(os.getpid())})
-    log = swarm.log_dir / f"dht.restart{generation}.log" if swarm.log_dir else None
-    process = TemplateProcess.shared().spawn(
-        args, env, log, stdout_pipe=True, netns=host.netns if host else None
-    )
-    swarm.dht_process = process  # now LocalSwarm.stop() stops this one
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    line = process.stdout.readline() if selector.select(60) else ""
-    if not line.startswith("/"):
-        raise RuntimeError(f"the new DHT node printed {line!r}, exit code {process.poll()}")
-    swarm.initial_peers = [line.strip()]
-    return line.strip()
 
 
 def server_dht_maddrs(swarm: LocalSwarm, watcher) -> list[str]:

@@ -27,7 +27,13 @@ def cmd_dht(args: argparse.Namespace) -> int:
     from shardnet.dht import start_dht, visible_maddrs
 
     stop = _stop_on_signal()  # before the node starts, so a signal during start-up is not lost
-    dht = start_dht(initial_peers(args), host=args.host, port=args.port, swarm_key=swarm_key(args))
+    dht = start_dht(
+        initial_peers(args),
+        host=args.host,
+        port=args.port,
+        swarm_key=swarm_key(args),
+        identity_path=args.identity,
+    )
     try:
         for maddr in visible_maddrs(dht):
             print(maddr, flush=True)

@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     dht = sub.add_parser("dht", help="run a DHT bootstrap node; prints its multiaddrs, one per line")
     dht.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     dht.add_argument("--port", type=int, default=0, help="port to listen on; 0 = pick one")
+    dht.add_argument(
+        "--identity",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the node's private key (written if missing): restarted with the same --port, it keeps its "
+        "multiaddr, so the swarm's --initial-peers stay valid",
+    )
     _add_peers(dht, required=False)
     _add_swarm_key(dht)
 

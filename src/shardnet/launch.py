@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +91,7 @@ class LocalSwarm:
         self._hosts: dict[int, Host] = {}  # pid -> the host it runs on, with a network
         self._announce_hosts: dict[int, str] = {}  # server pid -> the host it announces, with a network
         self._probe = None  # a client-mode DHT node of our own, for wait_ready
+        self._identity_dir: tempfile.TemporaryDirectory | None = None  # the DHT node's key, for restarts
 
     def _spawn(
         self, args: list[str], name: str, stdout=None, host: Host | None = None
@@ -142,18 +144,48 @@ class LocalSwarm:
 
     def start_dht(self, timeout_s: float = 60.0, host: Host | None = None) -> list[str]:
         host = self._place(host)
-        address = host.address if host else "127.0.0.1"
-        self.dht_process = self._spawn(
-            ["dht", "--host", address, "--port", "0", *self._key_args()], "dht", subprocess.PIPE, host
-        )
-        first = _read_line(self.dht_process, timeout_s)
-        if not first.startswith("/"):
-            raise SwarmStartError(f"shardnet dht printed {first!r} instead of a multiaddr")
-        self.initial_peers = [first.strip()]
+        self._identity_dir = tempfile.TemporaryDirectory(prefix="shardnet-dht-")
+        self.initial_peers = [self._run_dht(host, 0, timeout_s)]
         # Started now, while this process has no gRPC calls in flight: hivemind forks its node, and a fork
         # taken while gRPC threads are busy (e.g. in a test that adds servers mid-generation) can hang it.
         self._probe = start_dht(self.initial_peers, client_mode=True, swarm_key=self.swarm_key)
         return self.initial_peers
+
+    def restart_dht(self, timeout_s: float = 60.0) -> str:
+        """Start the DHT node again after it was killed: on the same host and port, with the same identity,
+        so it comes back at the same multiaddr and every ``--initial-peers`` given out stays valid."""
+        if self.dht_process is None or self.dht_process.poll() is None:
+            raise SwarmStartError("restart_dht: the DHT node is not started, or still running")
+        host = self.host_of(self.dht_process)
+        maddr = self.initial_peers[0]
+        port = int(maddr.split("/tcp/")[1].split("/")[0])
+        # It rejoins through the servers' DHT nodes, as an operator restarting a bootstrap node passes
+        # --initial-peers of some servers: else it knows only the nodes that happen to call it again.
+        again = self._run_dht(host, port, timeout_s, self._known_maddrs())
+        if again != maddr:
+            raise SwarmStartError(f"the DHT node came back as {again}, not {maddr}")
+        return again
+
+    def _known_maddrs(self) -> list[str]:
+        """Multiaddrs of the DHT nodes our probe is connected to (the servers' own nodes)."""
+        if self._probe is None:
+            return []
+        known = self._probe.run_coroutine(_connected_peers)
+        return [f"{address}/p2p/{peer}" for peer, addresses in known for address in addresses]
+
+    def _run_dht(self, host: Host | None, port: int, timeout_s: float, peers: Sequence[str] = ()) -> str:
+        """Start ``shardnet dht`` and return the multiaddr it prints first."""
+        address = host.address if host else "127.0.0.1"
+        identity = Path(self._identity_dir.name) / "dht.key"
+        args = ["dht", "--host", address, "--port", str(port), "--identity", str(identity), *self._key_args()]
+        if peers:
+            args += ["--initial-peers", *peers]
+        name = "dht" if port == 0 else f"dht.restart{int(time.time())}"
+        self.dht_process = self._spawn(args, name, subprocess.PIPE, host)
+        first = _read_line(self.dht_process, timeout_s)
+        if not first.startswith("/"):
+            raise SwarmStartError(f"shardnet dht printed {first!r} instead of a multiaddr")
+        return first.strip()
 
     def _key_args(self) -> list[str]:
         return ["--swarm-key-file", str(self.swarm_key_file)] if self.swarm_key_file else []
@@ -274,6 +306,9 @@ class LocalSwarm:
         if self._probe is not None:
             self._probe.shutdown()
             self._probe = None
+        if self._identity_dir is not None:
+            self._identity_dir.cleanup()
+            self._identity_dir = None
         for log in self._logs:
             log.close()
         self.servers.clear()
@@ -288,6 +323,11 @@ class LocalSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _connected_peers(dht, node) -> list[tuple[str, list[str]]]:
+    """Inside a DHT node's process: the peers its p2p daemon is connected to, with their addresses."""
+    return [(info.peer_id.to_base58(), [str(a) for a in info.addrs]) for info in await node.p2p.list_peers()]
 
 
 def _last_value(args: Sequence[str], flag: str) -> str | None:

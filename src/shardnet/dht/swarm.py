@@ -37,10 +37,12 @@ def start_dht(
     num_blocks: int | None = None,
     timeout_s: float = 120.0,
     swarm_key: SwarmKey | None = None,
+    identity_path: str | None = None,
 ) -> hivemind.DHT:
     """Start a DHT node (in its own process, as hivemind does) that signs and schema-checks records;
     with a swarm key, one of a private swarm (``dht/private.py``): it seals its records and accepts
-    only sealed ones.
+    only sealed ones. ``identity_path``: the node's private key file (written if missing), so a node
+    restarted on the same port has the same multiaddr and its peers' ``--initial-peers`` stay valid.
 
     hivemind forks that process: call this before creating any gRPC server or channel in the process,
     since a fork taken while gRPC's threads run can leave the child dead or deadlocked.
@@ -56,6 +58,7 @@ def start_dht(
         client_mode=client_mode,
         record_validators=validators,
         start=False,
+        **({"identity_path": str(identity_path)} if identity_path else {}),
     )
     dht.swarm_key = swarm_key  # names the model's keys in announce and lookup
     try:
