@@ -186,8 +186,10 @@ class PushedStep:
         self._deliver_ready()
 
     def _record(self) -> None:
-        """Put this step's input into the replay history of each hop whose input is known now."""
+        """Put this step's input into the replay history of each hop that answered it, once known. A hop
+        still owing its answer is not recorded yet: should it never come, its replay adds the step."""
         for index, hop in enumerate(self.hops):
-            if not self.recorded[index] and not self.replaced[index] and self.inputs[index] is not None:
+            known = self.inputs[index] is not None  # the answer of the hop before it may come later
+            if known and self.settled[index] and not self.recorded[index] and not self.replaced[index]:
                 hop.inputs.append(self.inputs[index])
                 self.recorded[index] = True
