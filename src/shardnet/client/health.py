@@ -65,12 +65,17 @@ class ServerHealth:
     # ---- failures and bans ----
 
     def report_failure(self, peer_id: str, reason: str) -> float:
-        """Ban the peer for a backoff that doubles with each consecutive failure; returns the ban in s."""
+        """Ban the peer for a backoff that doubles with each consecutive failure; returns the ban in s.
+
+        Failures reported while the peer is banned already (several sessions that saw the same outage)
+        count as one: they do not double the ban again."""
         with self._lock:
             peer = self._peer(peer_id)
-            peer.failures += 1
-            ban_s = min(self.ban_base_s * 2 ** (peer.failures - 1), self.ban_max_s)
-            peer.banned_until = time.monotonic() + ban_s
+            now = time.monotonic()
+            if peer.banned_until <= now:
+                peer.failures += 1
+            ban_s = min(self.ban_base_s * 2 ** (max(peer.failures, 1) - 1), self.ban_max_s)
+            peer.banned_until = max(peer.banned_until, now + ban_s)
         logger.info("avoiding peer=..%s for %.1fs: %s", peer_id[-4:], ban_s, reason)
         return ban_s
 

@@ -103,7 +103,8 @@ class RoutePlanner:
     ) -> list[RouteHop]:
         """A route over blocks ``start:end``; waits (refreshing the view) up to the route timeout.
 
-        ``exclude``: peer ids not to use whatever their state (those that failed the request at hand).
+        ``exclude``: peer ids not to use while others can serve (those that failed the request at hand);
+        when nobody else holds some block, they are used again once their ban is over.
         ``reserve``: count a session on each hop's server at once (``ServerHealth.session_opened``), so
         that routes chosen at the same moment by other threads spread over replicas; the caller calls
         ``session_closed`` for each hop when its session ends or fails to open.
@@ -113,6 +114,11 @@ class RoutePlanner:
         while True:
             with self.health.routing_lock:
                 route = self.try_route(start, end, needs, exclude)
+                if route is None and exclude:
+                    # The only holders of some blocks failed this request: once their bans are over,
+                    # they are tried again rather than waiting out the route timeout for someone else
+                    # (a client link cut for a few seconds, a server that froze and came back).
+                    route = self.try_route(start, end, needs)
                 if route is not None and reserve:
                     for hop in route:
                         self.health.session_opened(hop.peer_id)
