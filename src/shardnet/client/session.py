@@ -217,7 +217,7 @@ class InferenceSession:
         index = self._hops.index(hop)
         hop.stream.close()
         self.health.session_closed(hop.hop.peer_id)
-        self.refresh_view()
+        self._planner.view.request_refresh()  # in the background: the failed server is excluded already
         replacements, replay.output = self._open(hop.hop.start, hop.hop.end, replay, failover)
         self._hops[index : index + 1] = replacements
         self.failovers += 1
@@ -324,7 +324,7 @@ class InferenceSession:
                         hop, hidden = self._open_hop(route_hop, hidden, replay, failover)
                     except ShardnetError as error:
                         failover.failed(route_hop, error, opening=True)
-                        self.refresh_view()
+                        self._planner.view.request_refresh()
                         break  # route the rest again, without the server that just failed
                     reserved.pop(0)
                     hops.append(hop)
@@ -342,7 +342,8 @@ class InferenceSession:
         return hops, hidden
 
     def refresh_view(self, max_age_s: float = 1.0) -> None:
-        """Off the per-token path: look again now, so a server that announced DRAINING is passed over."""
+        """Look the swarm up now (a hand-off's new holder may be newer than the last view). Failovers do
+        not wait for this: its pings could wait on the very server that just became unreachable."""
         try:
             self._planner.view.refresh(max_age_s=max_age_s)
         except ShardnetError as exc:
