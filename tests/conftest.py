@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -156,6 +157,29 @@ def swarm(request, tmp_path_factory):
     local.start(timeout_s=180)
     yield local
     local.stop()
+
+
+REPLICA_SPANS = [(0, 3), (0, 3), (3, 6), (3, 6)]  # two replicas of each of two spans of llama_untied
+
+
+def running_swarm(model_path: Path, spans, log_dir: Path, **options) -> Iterator[LocalSwarm]:
+    """A started ``LocalSwarm`` (one torch thread a server) for a fixture to ``yield from``; stopped after."""
+    local = LocalSwarm(model_path, spans, log_dir=log_dir, torch_threads=1, **options)
+    local.start(timeout_s=180)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def prompt(batch: int, seed: int = 0, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """9 random tokens per row; with batch > 1, row 0 left-padded by ``pad`` (and its mask), else no mask."""
+    ids = torch.randint(3, 256, (batch, 9), generator=torch.Generator().manual_seed(seed))
+    if batch == 1:
+        return ids, None
+    mask = torch.ones_like(ids)
+    ids[0, :pad], mask[0, :pad] = 0, 0
+    return ids, mask
 
 
 def serving_process(swarm: LocalSwarm, port: int):

@@ -21,10 +21,9 @@ import torch
 
 from shardnet import ShardedModel
 from shardnet.client.health import ServerHealth
-from shardnet.launch import LocalSwarm
 from shardnet.netns import HostNetwork, available
 
-from .conftest import OnToken, reference
+from .conftest import OnToken, reference, running_swarm
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no emulated hosts: {available()}")
 
@@ -41,12 +40,7 @@ def network():
 
 @pytest.fixture(scope="module")
 def swarm(network, llama_untied, tmp_path_factory):
-    local = LocalSwarm(
-        llama_untied, SPANS, log_dir=tmp_path_factory.mktemp("links"), torch_threads=1, network=network
-    )
-    local.start(timeout_s=180)
-    yield local
-    local.stop()
+    yield from running_swarm(llama_untied, SPANS, tmp_path_factory.mktemp("links"), network=network)
 
 
 @pytest.fixture(scope="module")

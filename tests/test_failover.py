@@ -21,7 +21,7 @@ from shardnet.errors import InvalidRequestError, RouteNotFoundError
 from shardnet.launch import LocalSwarm
 from shardnet.wire import pb, pb_grpc
 
-from .conftest import OnToken, noisy_draft, reference, serving_process, shardnet_status, wait_gone
+from .conftest import OnToken, noisy_draft, prompt, reference, serving_process, shardnet_status, wait_gone
 
 NEW_TOKENS = 20
 KILL_AFTER = 5
@@ -40,15 +40,6 @@ def swarm(llama_untied, tmp_path):
     local_swarm.stop()
 
 
-def _prompt(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    ids = torch.randint(3, 256, (batch, 9), generator=torch.Generator().manual_seed(seed))
-    if batch == 1:
-        return ids, None
-    mask = torch.ones_like(ids)
-    ids[0, :4], mask[0, :4] = 0, 0  # row 0 is left-padded by 4
-    return ids, mask
-
-
 def _replace_then_kill(swarm: LocalSwarm, replacements: list[tuple[int, int]], victim):
     """Start replacement servers, wait until they are online, then SIGKILL ``victim`` (no goodbye)."""
 
@@ -64,7 +55,7 @@ def _replace_then_kill(swarm: LocalSwarm, replacements: list[tuple[int, int]], v
 
 @pytest.mark.parametrize("batch", [1, 2], ids=["batch1", "batch2_left_padded"])
 def test_kill_9_after_5th_token_fails_over_to_a_wider_server(swarm, local, batch):
-    ids, mask = _prompt(batch)
+    ids, mask = prompt(batch)
     want = local.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     victim = swarm.servers[0]  # blocks 0:3
     with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
@@ -82,7 +73,7 @@ def test_kill_9_after_5th_token_fails_over_to_a_wider_server(swarm, local, batch
 
 @pytest.mark.slow  # before a release: pytest -m slow (README "Tests")
 def test_failover_over_two_replacements_with_other_boundaries(swarm, local):
-    ids, _ = _prompt(1, seed=1)
+    ids, _ = prompt(1, seed=1)
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     victim = swarm.servers[0]
     with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
@@ -113,7 +104,7 @@ def test_failover_inside_a_multi_call_inference_session(swarm, local):
 
 
 def test_server_that_stops_answering_is_timed_out_and_replaced(swarm, local):
-    ids, _ = _prompt(1, seed=3)
+    ids, _ = prompt(1, seed=3)
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     swarm.start_server(3, 6)  # a replica of 3:6
     swarm.wait_ready(timeout_s=120)
@@ -154,7 +145,7 @@ class AtStep(LogitsProcessor):
 
 def test_failover_during_beam_search_replays_the_reordered_beams(swarm, local):
     """Petals #503: after a failover the replacement must hold the beams' caches in their current order."""
-    ids, mask = _prompt(2, seed=8)
+    ids, mask = prompt(2, seed=8)
     beams = dict(num_beams=3, num_return_sequences=2, max_new_tokens=NEW_TOKENS)
     want = local.generate(ids, attention_mask=mask, **beams)
     victim = swarm.servers[0]
@@ -170,7 +161,7 @@ def test_failover_during_beam_search_replays_the_reordered_beams(swarm, local):
 def test_failover_during_assisted_decoding_replays_after_rollbacks(swarm, local):
     """Rejected draft tokens were rolled back on the servers; the replacement's replay must not hold them."""
     draft = noisy_draft(swarm.model_path)
-    ids, _ = _prompt(1, seed=9)
+    ids, _ = prompt(1, seed=9)
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     victim = swarm.servers[1]
     with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=20) as model:
@@ -187,7 +178,7 @@ def test_failover_during_assisted_decoding_replays_after_rollbacks(swarm, local)
 
 
 def test_no_holder_left_raises_a_route_error_naming_the_blocks(swarm):
-    ids, _ = _prompt(1, seed=4)
+    ids, _ = prompt(1, seed=4)
     victim = swarm.servers[1]
 
     def kill() -> None:
@@ -227,7 +218,7 @@ def test_group_sigterm_during_generation_drains_and_the_tokens_stay_the_same(lla
     )
     swarm.start(timeout_s=180)
     try:
-        ids, _ = _prompt(1, seed=6)
+        ids, _ = prompt(1, seed=6)
         new_tokens = 40
         want = local.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         stopped = {}

@@ -11,11 +11,10 @@ import torch
 
 from shardnet import ShardedModel
 from shardnet.client.health import ServerHealth
-from shardnet.launch import LocalSwarm
 from shardnet.wire import pb, pb_grpc
 from shardnet.wire.tensors import serialize
 
-from .conftest import OnToken, reference, serving_process
+from .conftest import REPLICA_SPANS, OnToken, prompt, reference, running_swarm, serving_process
 
 NEW_TOKENS = 30
 DRAIN_AT = 6
@@ -28,25 +27,8 @@ def local(llama_untied):
 
 @pytest.fixture(scope="module")
 def replicas(llama_untied, tmp_path_factory):
-    """Two replicas of each of two spans; a test that drains one starts another in its place."""
-    swarm = LocalSwarm(
-        llama_untied,
-        [(0, 3), (0, 3), (3, 6), (3, 6)],
-        log_dir=tmp_path_factory.mktemp("handoff"),
-        torch_threads=1,
-    )
-    swarm.start(timeout_s=180)
-    yield swarm
-    swarm.stop()
-
-
-def _prompt(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    ids = torch.randint(3, 256, (batch, 9), generator=torch.Generator().manual_seed(seed))
-    if batch == 1:
-        return ids, None
-    mask = torch.ones_like(ids)
-    ids[0, :3], mask[0, :3] = 0, 0  # row 0 is left-padded by 3
-    return ids, mask
+    """A test that drains one of them starts another in its place."""
+    yield from running_swarm(llama_untied, REPLICA_SPANS, tmp_path_factory.mktemp("handoff"))
 
 
 @pytest.mark.parametrize(
@@ -55,7 +37,7 @@ def _prompt(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     ids=["first_hop_push", "last_hop_push_batch2", "first_hop_chained_batch2"],
 )
 def test_a_draining_server_hands_its_session_over_and_nothing_is_replayed(replicas, local, hop, push, batch):
-    ids, mask = _prompt(batch, seed=hop + 10 * batch)
+    ids, mask = prompt(batch, seed=hop + 10 * batch, pad=3)
     want = local.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     health = ServerHealth.shared()
     drained = []

@@ -16,9 +16,8 @@ import torch
 
 from shardnet import ShardedModel
 from shardnet.client.health import ServerHealth
-from shardnet.launch import LocalSwarm
 
-from .conftest import OnToken, reference, serving_process
+from .conftest import REPLICA_SPANS, OnToken, reference, running_swarm, serving_process
 
 NEW_TOKENS = 40
 FREEZE_AT = 6  # the freeze comes when the 6th token arrives
@@ -31,16 +30,7 @@ def local(llama_untied):
 
 @pytest.fixture(scope="module")
 def replicas(llama_untied, tmp_path_factory):
-    """Two replicas of each of two spans."""
-    swarm = LocalSwarm(
-        llama_untied,
-        [(0, 3), (0, 3), (3, 6), (3, 6)],
-        log_dir=tmp_path_factory.mktemp("hedging"),
-        torch_threads=1,
-    )
-    swarm.start(timeout_s=180)
-    yield swarm
-    swarm.stop()
+    yield from running_swarm(llama_untied, REPLICA_SPANS, tmp_path_factory.mktemp("hedging"))
 
 
 @pytest.mark.parametrize("hop", [0, 1], ids=["first_hop", "last_hop"])

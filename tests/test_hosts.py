@@ -26,7 +26,7 @@ from shardnet.netns import NETNS_DIR, ROUTE_PROTO, HostNetwork, available
 from shardnet.process_template import TemplateProcess
 from shardnet.wire import pb, pb_grpc
 
-from .conftest import reference, wait_gone
+from .conftest import reference, running_swarm, wait_gone
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no emulated hosts: {available()}")
 
@@ -67,12 +67,7 @@ def network():
 
 @pytest.fixture(scope="module")
 def swarm(network, llama_untied, tmp_path_factory):
-    local = LocalSwarm(
-        llama_untied, SPANS, log_dir=tmp_path_factory.mktemp("hosts_logs"), torch_threads=1, network=network
-    )
-    local.start(timeout_s=180)
-    yield local
-    local.stop()
+    yield from running_swarm(llama_untied, SPANS, tmp_path_factory.mktemp("hosts_logs"), network=network)
 
 
 @pytest.fixture(scope="module")
