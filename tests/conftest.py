@@ -162,6 +162,32 @@ def swarm(request, tmp_path_factory):
 REPLICA_SPANS = [(0, 3), (0, 3), (3, 6), (3, 6)]  # two replicas of each of two spans of llama_untied
 
 
+@pytest.fixture(scope="session")
+def replicas(llama_untied, tmp_path_factory):
+    """Two replicas of each of two spans on 127.0.0.1, shared by the modules that fault them one server at
+    a time (test_handoff, test_hedging: adjacent, so it is not held idle for long); each test leaves two
+    replicas of each span running (it restarts what it stopped) and unfreezes what it froze."""
+    yield from running_swarm(llama_untied, REPLICA_SPANS, tmp_path_factory.mktemp("replicas"))
+
+
+@pytest.fixture(scope="session")
+def host_network():
+    """Emulated hosts shared by test_hosts and test_hosts_broken_links (adjacent); each test restores the
+    links it cut."""
+    from shardnet.netns import HostNetwork  # only where namespaces can be made (the tests skip otherwise)
+
+    with HostNetwork() as net:
+        yield net
+
+
+@pytest.fixture(scope="session")
+def hosts_swarm(host_network, llama_untied, tmp_path_factory):
+    """The DHT and two replicas of each of two spans, each on a host of its own."""
+    yield from running_swarm(
+        llama_untied, REPLICA_SPANS, tmp_path_factory.mktemp("hosts"), network=host_network
+    )
+
+
 def running_swarm(model_path: Path, spans, log_dir: Path, **options) -> Iterator[LocalSwarm]:
     """A started ``LocalSwarm`` (one torch thread a server) for a fixture to ``yield from``; stopped after."""
     local = LocalSwarm(model_path, spans, log_dir=log_dir, torch_threads=1, **options)

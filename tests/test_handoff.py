@@ -14,7 +14,7 @@ from shardnet.client.health import ServerHealth
 from shardnet.wire import pb, pb_grpc
 from shardnet.wire.tensors import serialize
 
-from .conftest import REPLICA_SPANS, OnToken, prompt, reference, running_swarm, serving_process
+from .conftest import OnToken, prompt, reference, serving_process
 
 NEW_TOKENS = 30
 DRAIN_AT = 6
@@ -23,12 +23,6 @@ DRAIN_AT = 6
 @pytest.fixture(scope="module")
 def local(llama_untied):
     return reference(llama_untied)
-
-
-@pytest.fixture(scope="module")
-def replicas(llama_untied, tmp_path_factory):
-    """A test that drains one of them starts another in its place."""
-    yield from running_swarm(llama_untied, REPLICA_SPANS, tmp_path_factory.mktemp("handoff"))
 
 
 @pytest.mark.parametrize(

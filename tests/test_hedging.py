@@ -17,7 +17,7 @@ import torch
 from shardnet import ShardedModel
 from shardnet.client.health import ServerHealth
 
-from .conftest import REPLICA_SPANS, OnToken, reference, running_swarm, serving_process
+from .conftest import OnToken, reference, serving_process
 
 NEW_TOKENS = 40
 FREEZE_AT = 6  # the freeze comes when the 6th token arrives
@@ -26,11 +26,6 @@ FREEZE_AT = 6  # the freeze comes when the 6th token arrives
 @pytest.fixture(scope="module")
 def local(llama_untied):
     return reference(llama_untied)
-
-
-@pytest.fixture(scope="module")
-def replicas(llama_untied, tmp_path_factory):
-    yield from running_swarm(llama_untied, REPLICA_SPANS, tmp_path_factory.mktemp("hedging"))
 
 
 @pytest.mark.parametrize("hop", [0, 1], ids=["first_hop", "last_hop"])

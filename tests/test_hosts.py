@@ -26,12 +26,12 @@ from shardnet.netns import NETNS_DIR, ROUTE_PROTO, HostNetwork, available
 from shardnet.process_template import TemplateProcess
 from shardnet.wire import pb, pb_grpc
 
-from .conftest import reference, running_swarm, wait_gone
+from .conftest import REPLICA_SPANS, reference, wait_gone
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no emulated hosts: {available()}")
 
 NEW_TOKENS = 10
-SPANS = [(0, 3), (0, 3), (3, 6), (3, 6)]  # two replicas of each span, each on a host of its own
+
 
 # Dials ADDRESS:PORT; prints "connected", "timeout" or the errno's name (e.g. EHOSTUNREACH).
 DIAL = """
@@ -59,15 +59,14 @@ print(json.dumps({"tokens": out.tolist(), "route": route, "netns": netns}))
 """
 
 
-@pytest.fixture(scope="module")
-def network():
-    with HostNetwork() as net:
-        yield net
+@pytest.fixture
+def network(host_network):
+    return host_network
 
 
-@pytest.fixture(scope="module")
-def swarm(network, llama_untied, tmp_path_factory):
-    yield from running_swarm(llama_untied, SPANS, tmp_path_factory.mktemp("hosts_logs"), network=network)
+@pytest.fixture
+def swarm(hosts_swarm):
+    return hosts_swarm
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +93,12 @@ def _grpc_port(swarm: LocalSwarm, host) -> int:
 def test_servers_announce_their_hosts_and_the_bridge_generates_exactly(swarm, network, local):
     dht_host = swarm.host_of(swarm.dht_process)
     server_hosts = [swarm.host_of(server) for server in swarm.servers]
-    assert len({dht_host, *server_hosts}) == 1 + len(SPANS)  # every process on a host of its own
+    assert len({dht_host, *server_hosts}) == 1 + len(REPLICA_SPANS)  # every process on a host of its own
     assert all(host.netns is not None for host in [dht_host, *server_hosts])
     assert swarm.initial_peers[0].startswith(f"/ip4/{dht_host.address}/tcp/")
     announced = swarm.online_addresses()
     assert {address for address, _ in announced} == {host.address for host in server_hosts}
-    assert len(announced) == len(SPANS)
+    assert len(announced) == len(REPLICA_SPANS)
     for process in [swarm.dht_process, *swarm.servers]:  # with its DHT process and p2pd
         tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
         assert set(tree) <= set(network.pids(swarm.host_of(process)))

@@ -283,7 +283,7 @@ class LocalSwarm:
 
     def _is_online(self, process, online: set[tuple[str, int]]) -> bool:
         announced = self._announce_ports.get(process.pid)
-        ports = {announced} if announced else _listening_ports(process.pid)
+        ports = {announced} if announced else listening_ports(process.pid)
         address = self._announce_hosts.get(process.pid)
         if address is None:
             return bool(ports & {port for _, port in online})
@@ -336,7 +336,7 @@ def _last_value(args: Sequence[str], flag: str) -> str | None:
     return values[-1] if values else None
 
 
-def _listening_ports(pid: int) -> set[int]:
+def listening_ports(pid: int) -> set[int]:
     """TCP ports process ``pid`` listens on, in its own network namespace (psutil reads the caller's)."""
     try:
         inodes = set()
