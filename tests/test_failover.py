@@ -17,7 +17,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from shardnet import ShardedModel
-from shardnet.errors import InvalidRequestError, RouteNotFoundError
+from shardnet.errors import InvalidRequestError, RouteNotFoundError, SessionError, ShardnetError
 from shardnet.launch import LocalSwarm
 from shardnet.wire import pb, pb_grpc
 
@@ -200,6 +200,23 @@ def test_a_bad_request_is_raised_at_once_without_failover(swarm):
                 session.step(torch.randn(1, 1, 65), None, torch.tensor([[0]]))  # hidden size is 64
             assert session.failovers == 0
             assert not model.health.banned() & {hop.peer_id for hop in session.route}
+            session.step(torch.randn(1, 1, 64), None, torch.tensor([[0]]))  # nothing was held: it goes on
+        finally:
+            session.close()
+
+
+def test_a_session_that_failed_midway_refuses_to_step_on(swarm):
+    """A step raised after the first hop had run it (retries exhausted at the second): the hops disagree
+    on what they hold, so the session refuses further steps instead of sending mismatched histories."""
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, max_retries=0) as model:
+        session = model._open_chain(batch_size=1, max_length=8)
+        try:
+            session.step(torch.randn(1, 2, 64), None, torch.tensor([[0, 1]]))
+            serving_process(swarm, session.route[1].server.record.port).kill()
+            with pytest.raises(ShardnetError):
+                session.step(torch.randn(1, 1, 64), None, torch.tensor([[2]]))
+            with pytest.raises(SessionError, match="open a new inference session"):
+                session.step(torch.randn(1, 1, 64), None, torch.tensor([[2]]))
         finally:
             session.close()
 

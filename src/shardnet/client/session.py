@@ -30,7 +30,7 @@ from shardnet.client.replies import ReplyBoard
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
 from shardnet.devices import HOST
-from shardnet.errors import GenerationError, SessionExpiredError, ShardnetError
+from shardnet.errors import GenerationError, SessionError, SessionExpiredError, ShardnetError
 from shardnet.wire import pb
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,10 @@ class InferenceSession:
             None  # the step running: mask, positions
         )
         self._hops: list[SessionHop] = []
-        self._uncollected: list[PushedStep] = []  # chains of the last step that still owe answers
+        self._uncollected: list[PushedStep] = []
+        self._broken: str | None = (
+            None  # why a step failed midway; the session takes no more steps  # chains of the last step that still owe answers
+        )
         self._hops, _ = self._open(*blocks, None, self._failover())
         logger.info(
             "session open session=%s route=%s max_length=%d batch=%d",
@@ -124,11 +127,16 @@ class InferenceSession:
             )
         step_mask = torch.ones(hidden.shape[:2], dtype=torch.long) if mask is None else mask.to(torch.long)
         masked = self._masked or mask is not None
-        self._collect()
+        if self._broken is not None:
+            raise SessionError(
+                f"session {self.short_id} lost its state when a step failed ({self._broken}); "
+                "open a new inference session"
+            )
         failover = self._failover()
         timings: list[HopTiming] = []
         self._current = (step_mask if masked else None, positions)
         try:
+            self._collect()
             index = 0
             while index < len(self._hops):
                 end = self._chain_end(index)
@@ -142,6 +150,10 @@ class InferenceSession:
                 else:
                     hidden = self._step_hop(self._hops[index], hidden, mask, positions, failover, timings)
                 index = self._hops.index(after) if after is not None else len(self._hops)
+        except BaseException as error:
+            if any(len(h.inputs) != self.position or h.stream.position != self.position for h in self._hops):
+                self._broken = f"{type(error).__name__}: {error}"  # some hops hold this step, some do not
+            raise
         finally:
             self._current = None
         self._positions.append(positions.to(torch.long))
