@@ -95,9 +95,28 @@ def schema_validator(model_id: str, num_blocks: int) -> SchemaValidator:
 
 
 def parse_record(raw: object) -> ServerRecord | None:
-    """A record read from the DHT, or None (logged at DEBUG) if it does not match the schema."""
+    """A record read from the DHT, or None (logged at DEBUG) if it does not match the schema.
+
+    Parsed once per distinct value: a look-up sees each server's record under every block of its span,
+    and again at every refresh (``_PARSED``, bounded)."""
     try:
-        return ServerRecord.parse_obj(raw)
+        key = tuple(sorted(raw.items())) if isinstance(raw, dict) else None
+        hash(key)
+    except TypeError:  # a value that is not flat: parsed (and refused) below, not remembered
+        key = None
+    if key is not None and key in _PARSED:
+        return _PARSED[key]
+    try:
+        record = ServerRecord.parse_obj(raw)
     except (pydantic.ValidationError, TypeError) as exc:
         logger.debug("dropping malformed server record: %s", exc)
-        return None
+        record = None
+    if key is not None:
+        if len(_PARSED) >= _MAX_PARSED:
+            _PARSED.clear()  # crude, but a swarm's records are far fewer than this
+        _PARSED[key] = record
+    return record
+
+
+_MAX_PARSED = 1 << 14
+_PARSED: dict[tuple, ServerRecord | None] = {}

@@ -19,6 +19,7 @@ from hivemind.utils import get_dht_time
 from shardnet.dht.private import SealedRecords, namespace
 from shardnet.dht.records import ServerRecord, ServerView, block_key, parse_record, schema_validator
 from shardnet.dht.tether import TetheredDHT
+from shardnet.dht.verdicts import CachedValidation
 from shardnet.errors import ConfigError, DHTLookupError, DHTStartError
 from shardnet.swarm_key import SwarmKey
 
@@ -56,7 +57,7 @@ def start_dht(
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         client_mode=client_mode,
-        record_validators=validators,
+        record_validators=[CachedValidation(validators)],
         start=False,
         **({"identity_path": str(identity_path)} if identity_path else {}),
     )
