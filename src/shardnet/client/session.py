@@ -134,9 +134,9 @@ class InferenceSession:
             )
         failover = self._failover()
         timings: list[HopTiming] = []
-        self._current = (step_mask if masked else None, positions)
         try:
-            self._collect()
+            self._collect()  # the last step's owed answers, replayed (if need be) as that step: no _current yet
+            self._current = (step_mask if masked else None, positions)
             index = 0
             while index < len(self._hops):
                 end = self._chain_end(index)
