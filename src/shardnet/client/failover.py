@@ -78,7 +78,7 @@ class Failover:
 
     def budget_s(self, hop: RouteHop, positions: int, recent_s: float | None = None) -> float:
         """How long a step of ``positions`` on ``hop`` may run before it is hedged."""
-        expected = expected_step_s(hop, positions, self.health.rtts().get(hop.peer_id), recent_s)
+        expected = expected_step_s(hop, positions, self.health.rtt(hop.peer_id), recent_s)
         return min(max(HEDGE_FACTOR * expected, self.config.hedge_floor_s), self.config.request_timeout_s)
 
     def failed(self, hop: RouteHop, error: ShardnetError, opening: bool = False) -> None:

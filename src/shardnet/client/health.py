@@ -108,6 +108,11 @@ class ServerHealth:
             else:
                 peer.rtt_s += self.rtt_smoothing * (rtt_s - peer.rtt_s)
 
+    def rtt(self, peer_id: str) -> float | None:
+        """One peer's smoothed RTT (None if never measured): per step, without copying every peer's."""
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.rtt_s
+
     def rtts(self) -> dict[str, float]:
         with self._lock:
             return {pid: peer.rtt_s for pid, peer in self._peers.items() if peer.rtt_s is not None}
