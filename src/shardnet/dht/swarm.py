@@ -6,6 +6,7 @@ process that started it, and signals to that process's group do not reach them.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -62,6 +63,12 @@ def start_dht(
         **({"identity_path": str(identity_path)} if identity_path else {}),
     )
     dht.swarm_key = swarm_key  # names the model's keys in announce and lookup
+    if not client_mode:
+        # Python's collector touches every object it tracks: in the forked DHT process that copied the
+        # inherited heap page by page (a server's DHT process held 123 MiB of its own). Frozen objects
+        # are never scanned, so it keeps sharing them. A server's heap here is its imports, never
+        # garbage; a client's may be anything (frozen cycles are never freed), so clients do not freeze.
+        gc.freeze()
     try:
         dht.run_in_background(await_ready=True, timeout=timeout_s)
     except FutureTimeoutError:  # the node's process died or hangs: without a timeout we would wait forever
