@@ -323,7 +323,7 @@ def main() -> None:  # noqa: PLR0915 (one run, top to bottom)
             server_memory=memory_fields(memory),
             processes_left=len(left),
             processes_left_detail=left[:KEPT],
-            server_torch_threads=args.server_threads,
+            server_torch_threads=harness.threads_label(args.server_threads),
         )
     )
 

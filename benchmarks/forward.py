@@ -145,7 +145,7 @@ def main() -> None:
             swarm_tokens_per_s=round(tokens / swarm_s, 1),
             swarm_to_local_ratio=round(local_s / swarm_s, 3),
             max_abs_logit_diff=float((swarm_logits.float() - local_logits.float()).abs().max()),
-            server_torch_threads=args.server_threads,
+            server_torch_threads=harness.threads_label(args.server_threads),
         )
         harness.emit(result)
         results.append(result)

@@ -66,7 +66,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         "--server-threads",
         type=int,
         default=None,
-        help="torch threads per server process; default torch's (all cores: servers of a chain compute in turn)",
+        help="torch threads per server process; default: each server chooses from its load "
+        "(server/compute_threads.py: all cores alone, one while loaded)",
     )
     parser.add_argument(
         "--client-threads",
@@ -81,13 +82,16 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def threads_label(threads: int | None) -> int | str:
+    """A thread count as the JSON lines record it: ``auto`` where the server chooses."""
+    return "auto" if threads is None else threads
+
+
 def setup(args: argparse.Namespace) -> None:
     """Logs to stderr; this process's torch threads from --client-threads."""
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.server_threads is None:  # record the number the servers will really use
-        args.server_threads = torch.get_num_threads()
     if args.client_threads:
         torch.set_num_threads(args.client_threads)
 

@@ -230,7 +230,7 @@ def emit_swarm(results, local, common, fields, tokens, local_tokens, args) -> No
         per_hop_overhead_ms=round(overhead_ms, 3),
         outside_hops_ms=round(fields["decode_step_ms"] - in_hops_ms, 3) if in_hops_ms else None,
         tokens_match=bool(torch.equal(tokens, local_tokens)),
-        server_torch_threads=args.server_threads,
+        server_torch_threads=harness.threads_label(args.server_threads),
     )
     harness.emit(result)
     results.append(result)

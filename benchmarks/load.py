@@ -235,7 +235,7 @@ def bench_layout(
                     else None,
                     **spread,
                     announced_throughput=throughput,
-                    server_torch_threads=args.server_threads,
+                    server_torch_threads=harness.threads_label(args.server_threads),
                 )
                 harness.emit(result)
                 results.append(result)

@@ -121,7 +121,7 @@ def run_spans(args: argparse.Namespace) -> None:
             blocks=span_[1] - span_[0],
             load_s=round(load_s, 2),
             **fields,
-            server_torch_threads=args.server_threads,
+            server_torch_threads=harness.threads_label(args.server_threads),
         )
         harness.emit(result)
         results.append(result)
@@ -210,7 +210,7 @@ def run_13b(args: argparse.Namespace) -> None:
         checkpoint_gib_on_disk=round(on_disk["bytes_present"] / (1 << 30), 2),
         checkpoint_gib_full=round(on_disk["total_bytes"] / (1 << 30), 2),
         checkpoint_write_s=round(write_s, 1),
-        server_torch_threads=args.server_threads,
+        server_torch_threads=harness.threads_label(args.server_threads),
     )
     harness.emit(result)
     if args.plot:

@@ -86,7 +86,7 @@ def span_fields(model_path: Path, spans: list[tuple[int, int]], mode: str, args)
     dtype = harness.torch_dtype(args.dtype)
     total, step_s = 0, []
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.server_threads)
+    torch.set_num_threads(args.server_threads or threads)
     try:
         for index, (start, end) in enumerate(spans):
             span = adapter.load_span(Checkpoint(model_path), config, start, end, dtype)
@@ -220,7 +220,7 @@ def main() -> None:
                 prompts=len(inputs),
                 prompt_lens=[ids.shape[1] for ids in inputs],
                 new_tokens=args.new_tokens,
-                server_torch_threads=args.server_threads,
+                server_torch_threads=harness.threads_label(args.server_threads),
             )
             harness.emit(result)
             results.append(result)

@@ -286,7 +286,7 @@ def bench_client(model_path, swarm, proxy, spans, prompt, args, push: bool, draf
                     **(draft_fields(args) if assisted else {}),
                     proxy_bytes_per_token=round(wire_bytes / (args.repeats * args.new_tokens)),
                     proxy_connections=after["connections"],
-                    server_torch_threads=args.server_threads,
+                    server_torch_threads=harness.threads_label(args.server_threads),
                 )
                 harness.emit(result)
                 results.append(result)

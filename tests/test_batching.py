@@ -21,6 +21,7 @@ from shardnet.models import adapter_for
 from shardnet.models.checkpoint import Checkpoint
 from shardnet.server.backend import SpanBackend, SpanLimits, StepInput
 from shardnet.server.compute_queue import ComputeQueue
+from shardnet.server.compute_threads import ComputeThreads
 from shardnet.server.sessions import Session
 
 from .arch_configs import ARCHITECTURES, build_model
@@ -214,3 +215,38 @@ def test_an_error_in_a_batch_reaches_every_member_and_the_queue_goes_on():
         thread.join(timeout=30)
     assert errors == dict.fromkeys(range(3), "batch of 3")
     assert queue.run(lambda: "still serving") == "still serving"
+
+
+def test_the_server_chooses_one_thread_while_loaded_and_all_of_them_alone():
+    before = torch.get_num_threads()
+    try:
+        chosen = ComputeThreads(most=2, adaptive=True, hold_s=3600.0)
+        assert chosen.before(sessions=1, waiting=0) == 2  # a lone step: every core
+        assert torch.get_num_threads() == 2
+        assert chosen.before(sessions=3, waiting=0) == 1  # a batch: one thread, so servers share the cores
+        assert torch.get_num_threads() == 1
+        assert chosen.before(sessions=1, waiting=0) == 1  # held while the load may come back
+        assert ComputeThreads(most=2, adaptive=True, hold_s=0.0).before(sessions=1, waiting=0) == 2
+        assert torch.get_num_threads() == 2
+        fixed = ComputeThreads.for_server(2)  # the owner's --torch-threads: never changed
+        assert fixed.before(sessions=5, waiting=9) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_compute_queue_tells_the_thread_choice_about_batches_and_waiters():
+    seen = []
+
+    class Recording(ComputeThreads):
+        def before(self, sessions: int, waiting: int) -> int:
+            seen.append((sessions, waiting))
+            return 1
+
+    queue = ComputeQueue(max_batch_rows=8, threads=Recording(1, adaptive=False))
+    release, holder = _holding(queue)
+    keys = ["k", "j", "k"]
+    threads = _queue_up(queue, 3, lambda index: queue.run_batched(keys[index], index, 1, lambda items: items))
+    release.set()
+    for thread in [holder, *threads]:
+        thread.join(timeout=30)
+    assert seen == [(1, 0), (2, 1), (1, 0)]  # the holder; both "k" with "j" waiting; then "j" alone

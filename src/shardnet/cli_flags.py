@@ -236,7 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--drain-timeout", type=float, default=10.0, help="seconds open sessions get on SIGTERM"
     )
-    serve.add_argument("--torch-threads", type=int, default=None)
+    serve.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads for compute; default: all cores while serving one step at a time, "
+        "one while loaded (batches, or steps waiting)",
+    )
     serve.add_argument(
         "--session-idle-timeout",
         type=float,
@@ -314,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--torch-threads",
         type=_positive_int,
         default=None,
-        help="torch threads per server; default torch's (all cores: the servers compute in turn)",
+        help="torch threads per server; default: each server chooses from its load (all cores alone, one loaded)",
     )
     demo.add_argument(
         "--api",

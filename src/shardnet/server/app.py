@@ -37,6 +37,7 @@ from shardnet.server.announcer import Announcer, LoadTrigger
 from shardnet.server.backend import SpanBackend, SpanLimits
 from shardnet.server.block_choice import Peers
 from shardnet.server.compute_queue import ComputeQueue
+from shardnet.server.compute_threads import ComputeThreads
 from shardnet.server.config import ServerConfig
 from shardnet.server.fit import GIB, SpanFootprint, check_fit
 from shardnet.server.handoff import HandOff
@@ -265,7 +266,8 @@ class Server:
             self.num_blocks,
             swarm_key=cfg.swarm_key,
         )
-        self.compute = ComputeQueue(max_batch_rows=cfg.max_chunk_tokens)  # a thread: after the fork
+        threads = ComputeThreads.for_server(cfg.torch_threads)  # all cores alone, one each when loaded
+        self.compute = ComputeQueue(max_batch_rows=cfg.max_chunk_tokens, threads=threads)  # after the fork
         # The current GPU is per thread. (torch's thread count is not: run() set it for every thread.)
         await asyncio.to_thread(self.compute.run, partial(make_current, self.device))
         placement = first = None

@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+from shardnet.server.compute_threads import ComputeThreads
+
 
 class _Job:
     """One caller's request. ``done`` is locked until its result or error is set."""
@@ -46,8 +48,9 @@ def _run_alone(items: list[Callable[[], Any]]) -> list[Any]:
 
 
 class ComputeQueue:
-    def __init__(self, max_batch_rows: int):
+    def __init__(self, max_batch_rows: int, threads: ComputeThreads | None = None):
         self.max_batch_rows = max_batch_rows  # most rows (sessions' batch sizes summed) in one batch
+        self.threads = threads  # sets torch's threads per batch from the load (None: leave them)
         self._ready = threading.Condition(threading.Lock())  # guards _jobs
         self._jobs: deque[_Job] = deque()  # waiting, oldest first
         self.batches_run = 0  # batches of two or more callers
@@ -90,7 +93,10 @@ class ComputeQueue:
                 while not self._jobs:
                     self._ready.wait()
                 batch = self._take_batch()
+                waiting = len(self._jobs)
             try:
+                if self.threads is not None:
+                    self.threads.before(len(batch), waiting)
                 results = batch[0].run_many([job.item for job in batch])
                 for job, result in zip(batch, results, strict=True):
                     job.result = result
