@@ -136,3 +136,31 @@ def test_a_push_with_a_wrong_token_is_refused(shared):
                 pb.PushRequest(push_token=b"guess" * 4, step=pb.Step(step_id=1)), timeout=10
             )
     assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+
+
+def test_a_repeated_prompt_prefix_is_reused_on_every_hop_and_stays_exact(shared, local):
+    """Two generations whose prompts share 70 tokens: the second skips their two whole blocks on each of
+    the three servers (the first server sees embeddings, the others the pushed outputs of the one before)."""
+    from shardnet.server.prefix_reuse import BLOCK_TOKENS
+
+    generator = torch.Generator().manual_seed(7)
+    system = torch.randint(3, 256, (1, 70), generator=generator)
+    ports = sorted(shared.online_ports())
+    assert len(ports) == 3
+    before = [_info(port) for port in ports]
+    with ShardedModel.from_pretrained(shared.model_path, shared.initial_peers) as model:
+        for seed in (1, 2):
+            ids = torch.cat(
+                [system, torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(seed))], 1
+            )
+            got = model.generate(ids, max_new_tokens=8, do_sample=False)
+            assert got.tolist() == local.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+    after = [_info(port) for port in ports]
+    for old, new in zip(before, after, strict=True):
+        assert new.prefix_hits - old.prefix_hits == 1
+        assert new.prefix_tokens_reused - old.prefix_tokens_reused == 2 * BLOCK_TOKENS
+
+
+def _info(port: int) -> pb.InfoResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return pb_grpc.ShardStub(channel).Info(pb.InfoRequest(), timeout=10)

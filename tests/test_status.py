@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+import torch
 
 import shardnet
 from shardnet.client.swarm_status import render_table
@@ -92,3 +93,42 @@ def test_status_document_lists_each_server_once_with_its_freshest_record():
     assert (document["servers"][0]["open_sessions"], document["servers"][0]["sessions_served"]) == (3, 7)
     assert document["blocks_without_online_server"] == [2, 3]  # draining is not online; 3 has nobody
     json.dumps(document)  # plain JSON types only
+
+
+def test_prefix_hits_show_in_info_and_status(one_server):
+    """Two sessions on one connection send the same 2.5 blocks of hidden states: the second reuses 2."""
+    from shardnet.server.prefix_reuse import BLOCK_TOKENS
+    from shardnet.wire.tensors import serialize
+
+    swarm, dht = one_server
+    [view] = lookup(dht, swarm.model_id, swarm.num_blocks)[SPAN[0]]
+    hidden = torch.randn(1, 2 * BLOCK_TOKENS + 16, 64, generator=torch.Generator().manual_seed(5))
+    channel = grpc.insecure_channel(view.address)
+    stub = pb_grpc.ShardStub(channel)
+    outputs = []
+    try:
+        for _ in range(2):
+            opened = pb.OpenSession(
+                model_id=swarm.model_id, span=pb.Span(start=0, end=4), max_length=128, batch_size=1
+            )
+            step = pb.Step(step_id=1, hidden_states=serialize(hidden))
+            replies = list(
+                stub.Inference(
+                    iter([pb.InferenceRequest(open=opened), pb.InferenceRequest(step=step)]), timeout=60
+                )
+            )
+            outputs.append(replies[1].step.hidden_states.SerializeToString())
+        info = stub.Info(pb.InfoRequest(), timeout=10)
+    finally:
+        channel.close()
+    assert outputs[0] == outputs[1]  # the kept positions come back as kept, the rest computed the same
+    assert (info.prefix_hits, info.prefix_tokens_reused) == (1, 2 * BLOCK_TOKENS)
+    assert (info.prefix_cache_tokens_used, info.prefix_cache_tokens_total) == (2 * BLOCK_TOKENS, 131072 // 8)
+    deadline = time.monotonic() + 60
+    while True:  # the record is refreshed every second (--announce-ttl 3)
+        [server] = json.loads(shardnet_status(swarm, "--json"))["servers"]
+        if server["prefix_hits"] == 1:
+            break
+        assert time.monotonic() < deadline, "the prefix hit never reached the DHT record"
+        time.sleep(0.5)
+    assert server["prefix_tokens_reused"] == 2 * BLOCK_TOKENS

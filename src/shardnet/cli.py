@@ -88,6 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_idle_timeout_s=args.session_idle_timeout,
         max_chunk_tokens=args.max_chunk_tokens,
         batching=args.batching,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+        share_prefix_cache=args.share_prefix_cache,
         swarm_key=swarm_key(args),
         tls=args.tls,
         tls_cert=args.tls_cert,

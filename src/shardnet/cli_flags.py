@@ -259,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1024)",
     )
     serve.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="KV of recent prompt prefixes kept for reuse, batch x positions (default: an eighth of "
+        "--max-cache-tokens; 0 = off): a new session starting with a kept prefix skips that part of its prefill",
+    )
+    serve.add_argument(
+        "--share-prefix-cache",
+        action="store_true",
+        help="reuse prefixes between clients, not only for the connection that sent them (opens a timing "
+        "side channel: see the README's 'what a volunteer exposes')",
+    )
+    serve.add_argument(
         "--no-batching",
         dest="batching",
         action="store_false",

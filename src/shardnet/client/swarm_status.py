@@ -41,6 +41,8 @@ def server_entry(view: ServerView) -> dict:
         "sessions_served": r.sessions_served,
         "shardnet_version": r.version,  # the shardnet release the server runs
         "tls_fingerprint": r.tls_fingerprint,  # SHA-256 of its gRPC TLS certificate; "" = plain gRPC
+        "prefix_hits": r.prefix_hits,  # sessions that started from a kept prompt prefix
+        "prefix_tokens_reused": r.prefix_tokens_reused,  # prefill positions (x batch) those skipped
     }
 
 

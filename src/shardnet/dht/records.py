@@ -52,6 +52,8 @@ class ServerRecord(pydantic.BaseModel):
     push: pydantic.StrictBool = False  # passes step outputs on to the next server (Push rpc)
     # SHA-256 of the gRPC TLS certificate (hex); "" = plain gRPC. Clients pin it (wire/tls.py).
     tls_fingerprint: pydantic.constr(strict=True, regex="^([0-9a-f]{64})?$") = ""
+    prefix_hits: pydantic.conint(strict=True, ge=0) = 0  # sessions that started from a kept prompt prefix
+    prefix_tokens_reused: pydantic.conint(strict=True, ge=0) = 0  # prefill positions (x batch) they skipped
 
     @pydantic.validator("end")
     def _end_after_start(cls, end: int, values: dict) -> int:  # noqa: N805

@@ -42,6 +42,7 @@ from shardnet.server.config import ServerConfig
 from shardnet.server.fit import GIB, SpanFootprint, check_fit
 from shardnet.server.handoff import HandOff
 from shardnet.server.placement import FirstLook, Placement
+from shardnet.server.prefix_reuse import PrefixStore
 from shardnet.server.push import PushSender
 from shardnet.server.reaper import IdleReaper
 from shardnet.server.request_rate import RequestRate
@@ -148,12 +149,14 @@ class Server:
         footprint = SpanFootprint(span, weights, cache_tokens, cache_tokens * per_token)
         free = free_memory_bytes(self.device)
         check_fit(footprint, free, self.device, self.dtype, flag)
-        budget = cfg.max_cache_tokens * per_token
+        budget = (cfg.max_cache_tokens + cfg.prefix_tokens) * per_token  # sessions and kept prefixes
         if footprint.weight_bytes + budget > free:
             logger.warning(
-                "--max-cache-tokens %d needs %.1f GiB of KV cache over %d blocks, but only %.1f GiB is free "
-                "on %s after the weights: sessions may fail to allocate before the budget is used up",
+                "--max-cache-tokens %d and --prefix-cache-tokens %d need %.1f GiB of KV cache over %d blocks, "
+                "but only %.1f GiB is free on %s after the weights: sessions may fail to allocate before the "
+                "budget is used up",
                 cfg.max_cache_tokens,
+                cfg.prefix_tokens,
                 budget / GIB,
                 blocks,
                 (free - footprint.weight_bytes) / GIB,
@@ -184,6 +187,8 @@ class Server:
             max_batch_size=self.config.max_batch_size,
             push=True,
             tls_fingerprint=self.tls_fingerprint,
+            prefix_hits=self.runtime.backend.prefix.hits if self.runtime.backend else 0,
+            prefix_tokens_reused=self.runtime.backend.prefix.tokens_reused if self.runtime.backend else 0,
         )
 
     def _holders(self) -> list[ServerView]:
@@ -218,6 +223,7 @@ class Server:
             self.device,
             batching=self.config.batching,
             compute=self.compute,
+            prefix=PrefixStore(self.config.prefix_tokens, shared=self.config.share_prefix_cache),
         )
 
     def _start_grpc(self) -> grpc.Server:

@@ -13,6 +13,7 @@ from shardnet.devices import HOST
 from shardnet.errors import InvalidRequestError, ModelMismatchError
 from shardnet.models import SpanInputs, SpanModule
 from shardnet.server.compute_queue import ComputeQueue
+from shardnet.server.prefix_reuse import BLOCK_TOKENS, PrefixStore, block_digests
 from shardnet.server.sessions import Session
 from shardnet.server.throughput import ThroughputMeter
 
@@ -55,6 +56,7 @@ class SpanBackend:
         device: torch.device = HOST,
         batching: bool = True,
         compute: ComputeQueue | None = None,
+        prefix: PrefixStore | None = None,
     ):
         self.span = span
         self.dtype = dtype
@@ -65,6 +67,7 @@ class SpanBackend:
         # The thread every forward pass runs on (the server's, which also loaded the weights), or a new one.
         self.compute = compute or ComputeQueue(max_batch_rows=max_chunk_tokens)
         self.throughput = ThroughputMeter(limits.end - limits.start)
+        self.prefix = prefix  # kept prompt prefixes (server/prefix_reuse.py); None: none kept
 
     # ---- checks (cheap, before any work) ----
 
@@ -174,6 +177,39 @@ class SpanBackend:
         if new == 1 and self.batching:
             key = (session.start, session.end, step.hidden_states.dtype)
             return self.compute.run_batched(key, (session, step, keep), batch, self._decode_together)
+        if self.prefix is not None and _starts_plainly(session, step, keep, self.prefix):
+            return self._first_step_with_prefix(session, step)
+        return self._step_in_chunks(session, step, keep)
+
+    def _first_step_with_prefix(self, session: Session, step: StepInput) -> tuple[torch.Tensor, float]:
+        """A session's first step: start from the longest kept prefix, compute the rest, keep its blocks."""
+        hidden, store = step.hidden_states, self.prefix
+        hit = store.lookup(prefix_digests(store, session, hidden))
+        kept, outs, compute_s = hit.positions, [], 0.0
+        if kept:
+            layers = [
+                (keys.to(self.device), values.to(self.device), seen) for keys, values, seen in hit.layers()
+            ]
+            self.compute.run(
+                partial(self.span.import_cache, session.cache, session.start, session.end, layers)
+            )
+            self._advance(session, kept, None, 0.0)
+            outs.append(hit.outputs())
+        if kept < hidden.shape[1]:
+            out, compute_s = self._step_in_chunks(session, StepInput(hidden[:, kept:], None, None), kept)
+            outs.append(out)
+        else:
+            session.steps += 1
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [batch, new, hidden]
+        if len(hit.digests) > len(hit.blocks):
+            layers = self.compute.run(
+                partial(self.span.export_cache, session.cache, session.start, session.end)
+            )
+            store.keep(hit, layers, out)
+        return out, compute_s
+
+    def _step_in_chunks(self, session: Session, step: StepInput, keep: int) -> tuple[torch.Tensor, float]:
+        batch, new = step.hidden_states.shape[:2]
         if keep < session.position or step.hypo_ids is not None:
             self.compute.run(partial(self.rewind, session, keep, step.hypo_ids))
         past = session.position
@@ -299,3 +335,22 @@ class SpanBackend:
             self.span.run(hidden, inputs, cache, self.limits.start, self.limits.end).to(HOST)
 
         return self.throughput.probe(run_step, host_compute=self.device == HOST)
+
+
+def prefix_digests(store: PrefixStore, session: Session, hidden: torch.Tensor) -> list[bytes]:
+    """The hash chain naming this first step's blocks, in the session's client's scope."""
+    return block_digests(hidden, store.seed(session.client, session.start, session.end, hidden))
+
+
+def _starts_plainly(session: Session, step: StepInput, keep: int, store: PrefixStore) -> bool:
+    """A first step a kept prefix can stand for: from position 0, no padding, the default positions."""
+    hidden = step.hidden_states
+    if not store.enabled or session.position or keep or step.hypo_ids is not None:
+        return False
+    if hidden.shape[1] < BLOCK_TOKENS or session.attention_mask is not None:
+        return False
+    if step.attention_mask is not None and not bool(step.attention_mask.all()):
+        return False
+    if step.position_ids is None:
+        return True
+    return bool((step.position_ids == torch.arange(hidden.shape[1])).all())

@@ -10,6 +10,8 @@ from shardnet.device_names import DTYPE_NAMES, parse_device
 from shardnet.errors import ConfigError
 from shardnet.swarm_key import SwarmKey
 
+PREFIX_SHARE = 8  # by default, kept prompt prefixes hold an eighth of --max-cache-tokens
+
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # --dtype: auto = by device (see shardnet/devices.py)
 QUANT_NAMES = ("none", "int8", "nf4")  # = shardnet.models.quantization.QUANT_MODES, without importing torch
 
@@ -56,6 +58,9 @@ class ServerConfig:
     session_idle_timeout_s: float = 300.0  # a session with no step for this long is closed, its cache freed
     max_chunk_tokens: int = 1024  # largest compute chunk, batch x positions; other steps run between chunks
     batching: bool = True  # concurrent sessions' decode steps share one forward pass (max_chunk_tokens rows)
+    prefix_cache_tokens: int | None = None  # kept prompt prefixes, batch x positions; None = an eighth of
+    # max_cache_tokens, 0 = none (server/prefix_reuse.py)
+    share_prefix_cache: bool = False  # reuse one client's prefixes for another (a timing side channel)
     swarm_key: SwarmKey | None = None  # a private swarm's key: sealed DHT records, signed gRPC calls
     tls: bool = False  # gRPC over TLS with a self-signed certificate kept in state_dir (or tls_cert/tls_key)
     tls_cert: Path | None = None  # PEM certificate for gRPC TLS (with tls_key; implies tls)
@@ -119,6 +124,8 @@ class ServerConfig:
         for name in ("max_cache_tokens_per_client", "max_sessions_per_client"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.prefix_cache_tokens is not None and self.prefix_cache_tokens < 0:
+            raise ConfigError("--prefix-cache-tokens must be 0 (off) or more")
         if not self.max_requests_per_s > 0:
             raise ConfigError("--max-requests-per-s must be positive")
         if not self.session_idle_timeout_s > 0:
@@ -131,6 +138,12 @@ class ServerConfig:
     @property
     def uses_tls(self) -> bool:
         return self.tls or self.tls_cert is not None
+
+    @property
+    def prefix_tokens(self) -> int:
+        if self.prefix_cache_tokens is not None:
+            return self.prefix_cache_tokens
+        return self.max_cache_tokens // PREFIX_SHARE
 
     @property
     def client_cache_tokens(self) -> int:

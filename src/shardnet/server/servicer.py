@@ -117,6 +117,11 @@ class ShardServicer(pb_grpc.ShardServicer):
             reply.hidden_size = limits.hidden_size
             reply.decode_batches = backend.compute.batches_run
             reply.decode_steps_batched = backend.compute.steps_batched
+            if backend.prefix is not None:
+                reply.prefix_hits = backend.prefix.hits
+                reply.prefix_tokens_reused = backend.prefix.tokens_reused
+                reply.prefix_cache_tokens_used = backend.prefix.tokens_used
+                reply.prefix_cache_tokens_total = backend.prefix.max_tokens
         return reply
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:

@@ -29,7 +29,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "span", "protocol_version", "shardnet_version", "dtype", "max_message_bytes", "max_batch_size", "max_length", "cache_tokens_total", "cache_tokens_free", "open_sessions", "hidden_size", "sessions_served", "state", "quant", "decode_batches", "decode_steps_batched")
+    __slots__ = ("model_id", "span", "protocol_version", "shardnet_version", "dtype", "max_message_bytes", "max_batch_size", "max_length", "cache_tokens_total", "cache_tokens_free", "open_sessions", "hidden_size", "sessions_served", "state", "quant", "decode_batches", "decode_steps_batched", "prefix_hits", "prefix_tokens_reused", "prefix_cache_tokens_used", "prefix_cache_tokens_total")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,10 @@ class InfoResponse(_message.Message):
     QUANT_FIELD_NUMBER: _ClassVar[int]
     DECODE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_BATCHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     span: Span
     protocol_version: str
@@ -64,7 +68,11 @@ class InfoResponse(_message.Message):
     quant: str
     decode_batches: int
     decode_steps_batched: int
-    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., protocol_version: _Optional[str] = ..., shardnet_version: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., open_sessions: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sessions_served: _Optional[int] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ..., decode_batches: _Optional[int] = ..., decode_steps_batched: _Optional[int] = ...) -> None: ...
+    prefix_hits: int
+    prefix_tokens_reused: int
+    prefix_cache_tokens_used: int
+    prefix_cache_tokens_total: int
+    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., protocol_version: _Optional[str] = ..., shardnet_version: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., open_sessions: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sessions_served: _Optional[int] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ..., decode_batches: _Optional[int] = ..., decode_steps_batched: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., prefix_cache_tokens_used: _Optional[int] = ..., prefix_cache_tokens_total: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model_id", "span", "hidden_states", "attention_mask", "position_ids")
