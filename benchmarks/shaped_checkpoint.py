@@ -64,15 +64,19 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index:05d}-of-{total:05d}.safetensors"
 
 
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """Norm weights are ones; matrices are normal * 0.02, drawn in row chunks to bound float32 scratch."""
+def random_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, std: float = 0.02
+) -> torch.Tensor:
+    """Norm weights are ones; matrices are normal * ``std``, drawn in row chunks to bound float32 scratch
+    (on the generator's device, so a GPU draws a 13B-shaped checkpoint in seconds; returned on the host)."""
     if len(shape) == 1:
         return torch.ones(shape, dtype=dtype)
     out = torch.empty(shape, dtype=dtype)
     rows_per_chunk = max(1, (64 << 20) // (4 * shape[1]))  # <= 64 MiB of float32 at a time
     for row in range(0, shape[0], rows_per_chunk):
         chunk = out[row : row + rows_per_chunk]
-        chunk.copy_(torch.randn(chunk.shape, generator=generator).mul_(0.02))
+        drawn = torch.randn(chunk.shape, generator=generator, device=generator.device).mul_(std)
+        chunk.copy_(drawn.to(dtype))
     return out
 
 
@@ -93,9 +97,16 @@ def checkpoint_bytes(shape: dict, dtype: torch.dtype) -> int:
 
 
 def write_shaped_checkpoint(
-    folder: Path, shape: dict, dtype: torch.dtype, blocks: Iterable[int] | None = None
+    folder: Path,
+    shape: dict,
+    dtype: torch.dtype,
+    blocks: Iterable[int] | None = None,
+    device: str = "cpu",
+    head_std: float = 0.02,
 ) -> dict:
-    """Write config, index and the shards not already there; returns what is on disk."""
+    """Write config, index and the shards not already there; returns what is on disk. ``device``: where
+    the random numbers are drawn; ``head_std``: the LM head's spread (larger: fewer near-ties in greedy
+    choices, for comparing two runs' tokens)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(dtype=str(dtype).removeprefix("torch."), **shape)
     layers = config.num_hidden_layers
@@ -114,8 +125,11 @@ def write_shaped_checkpoint(
             continue
         if (folder / name).is_file():
             continue
-        generator = torch.Generator().manual_seed(number)
-        tensors = {key: random_tensor(s, dtype, generator) for key, s in shapes.items()}
+        generator = torch.Generator(device=device).manual_seed(number)
+        tensors = {
+            key: random_tensor(s, dtype, generator, head_std if key == "lm_head.weight" else 0.02)
+            for key, s in shapes.items()
+        }
         partial = folder / (name + ".partial")
         save_file(tensors, partial, metadata={"format": "pt"})
         os.replace(partial, folder / name)
