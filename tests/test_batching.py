@@ -250,3 +250,21 @@ def test_the_compute_queue_tells_the_thread_choice_about_batches_and_waiters():
     for thread in [holder, *threads]:
         thread.join(timeout=30)
     assert seen == [(1, 0), (2, 1), (1, 0)]  # the holder; both "k" with "j" waiting; then "j" alone
+
+
+def test_all_cores_serve_a_lone_step_only_where_they_make_it_faster():
+    before = torch.get_num_threads()
+
+    def runner(costs: dict[int, float]):
+        return lambda: lambda position: time.sleep(costs[torch.get_num_threads()])
+
+    try:
+        same = ComputeThreads(most=2, adaptive=True)
+        assert same.choose_most(runner({1: 0.002, 2: 0.002})) == 1  # no gain: leave a core to others
+        assert torch.get_num_threads() == 1
+        faster = ComputeThreads(most=2, adaptive=True)
+        assert faster.choose_most(runner({1: 0.004, 2: 0.001})) == 2
+        assert torch.get_num_threads() == 2
+        assert ComputeThreads(most=2, adaptive=False).choose_most(runner({1: 0.0, 2: 1.0})) == 2  # fixed
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from shardnet.devices import (
+    HOST,
     describe_device,
     dtype_name,
     free_memory_bytes,
@@ -309,7 +310,13 @@ class Server:
             began = time.perf_counter()
             # On the compute thread, as every forward pass will be (see server/compute_queue.py).
             self.runtime.backend = await asyncio.to_thread(self.compute.run, self._load_backend)
-            throughput = await asyncio.to_thread(self.compute.run, self.runtime.backend.probe_throughput)
+            backend = self.runtime.backend
+            if self.device == HOST:  # all cores for a lone step only where they make it faster
+                most = await asyncio.to_thread(
+                    self.compute.run, partial(self.compute.threads.choose_most, backend.decode_step_runner)
+                )
+                logger.info("compute threads: %d for a lone step, 1 while loaded", most)
+            throughput = await asyncio.to_thread(self.compute.run, backend.probe_throughput)
             self.runtime.state = ServerState.ONLINE
             await announcer.announce_now()
             announcer.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -324,6 +325,10 @@ class SpanBackend:
 
     def probe_throughput(self) -> float:
         """Time whole-span decode steps at batch 1 to start the announced throughput; returns steps/s."""
+        return self.throughput.probe(self.decode_step_runner(), host_compute=self.device == HOST)
+
+    def decode_step_runner(self) -> Callable[[int], None]:
+        """``run_step(position)``: one whole-span decode step at batch 1 over a fresh cache (probes)."""
         cache = self.span.new_cache()
         hidden = torch.zeros(
             1, 1, self.limits.hidden_size, dtype=self.dtype, device=self.device
@@ -334,7 +339,7 @@ class SpanBackend:
             # Back to the host as a real step's output goes: that waits for a GPU's queued kernels.
             self.span.run(hidden, inputs, cache, self.limits.start, self.limits.end).to(HOST)
 
-        return self.throughput.probe(run_step, host_compute=self.device == HOST)
+        return run_step
 
 
 def prefix_digests(store: PrefixStore, session: Session, hidden: torch.Tensor) -> list[bytes]:

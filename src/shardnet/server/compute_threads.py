@@ -7,17 +7,27 @@ compute in turn), but 16 concurrent clients keep every server computing at once,
 server's OpenMP team fights the others' for the same cores: 1.2x one client's tokens/s with all
 cores per server, 2.8x with one thread each.
 
-So, unless the owner fixed ``--torch-threads``, the server decides per forward pass: all its threads
+So, unless the owner fixed ``--torch-threads``, the server decides per forward pass: ``most`` threads
 while it serves one step at a time, one thread while it is loaded (a batch of several sessions, steps
 waiting behind this one, or either in the last ``hold_s`` seconds; the hold keeps a loaded server from
 switching back for the odd step that arrives alone between two batches).
+
+``most`` is all the process's cores only where they make a lone step faster: at start the server times
+decode steps of its span with all of them and with one (``choose_most``), and keeps all only if they
+are at least ``MIN_GAIN`` faster. On a 2-core machine whose memory bandwidth bounds a decode step, two
+threads gained nothing (tiny: 1.69 vs 1.87 ms a 4-block step; mid: 25 vs 25 ms), and one thread leaves
+the other core to the client and to the other servers.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
+
+MIN_GAIN = 0.15  # all cores for a lone step only when they make it at least this much faster
 
 
 class ComputeThreads:
@@ -36,6 +46,30 @@ class ComputeThreads:
         if fixed:
             return cls(fixed, adaptive=False)
         return cls(torch.get_num_threads(), adaptive=True)
+
+    def choose_most(self, new_runner: Callable[[], Callable[[int], None]], steps: int = 6) -> int:
+        """Time decode steps of the whole span (``new_runner()`` gives ``run_step(position)`` over a fresh
+        cache) with every thread and with one, on the compute thread; keep every thread for lone steps
+        only if they gain ``MIN_GAIN``."""
+        if not self.adaptive or self.most == 1:
+            return self.most
+
+        def median_s(threads: int) -> float:
+            torch.set_num_threads(threads)
+            run_step, times = new_runner(), []
+            for position in range(steps + 2):
+                began = time.perf_counter()
+                run_step(position)
+                if position >= 2:  # two warm-up steps
+                    times.append(time.perf_counter() - began)
+            return statistics.median(times)
+
+        every, one = median_s(self.most), median_s(1)
+        if every > one * (1 - MIN_GAIN):
+            self.most = 1
+        torch.set_num_threads(self.most)
+        self.current = self.most
+        return self.most
 
     def before(self, sessions: int, waiting: int) -> int:
         """Threads for a forward pass over ``sessions`` sessions' steps with ``waiting`` more queued."""
