@@ -5,7 +5,12 @@
 Prints one JSON line for local transformers and one per swarm layout (tokens/s of the decode phase,
 time to first token, inter-token latency p50/p95, per-hop overhead, and the per-hop split of a decode
 step into client encode/decode, wire and server compute). Greedy, no EOS, so every run makes exactly
---new-tokens tokens; the swarm line says whether its tokens equal the local ones.
+--new-tokens tokens; the swarm line says whether its tokens equal the local ones, its speed against
+local (``speed_vs_local``), a bare gRPC round trip to one of its servers (``bare_grpc_rtt_ms``, an Info
+call) and the per-hop budget: what a decode step costs beyond its servers' compute, per hop, less that
+round trip (``per_hop_beyond_compute_and_rtt_ms``: the chain's time, from sending the step to reading
+the last reply, less the servers' compute, per hop, less the round trip; the client's head and
+``generate``'s own work are outside it, in ``outside_hops_ms``).
 """
 
 from __future__ import annotations
@@ -122,9 +127,28 @@ def bench_swarm(
         swarm.start(timeout_s=600)
         logger.info("swarm %s up in %.1fs", harness.span_names(spans), time.perf_counter() - began)
         measured = [bench_client(model_path, swarm, spans, prompt, args, mode == "on") for mode in args.push]
+        rtt_ms = bare_round_trip_ms(min(swarm.online_ports()))
+        for fields, _ in measured:
+            fields["bare_grpc_rtt_ms"] = rtt_ms
     finally:
         swarm.stop()
     return measured
+
+
+def bare_round_trip_ms(port: int, calls: int = 200) -> float:
+    """Median round trip of an ``Info`` call to a server on loopback: gRPC's own cost, nearly no work."""
+    import grpc
+
+    from shardnet.wire import pb, pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ShardStub(channel)
+        times = []
+        for _ in range(calls):
+            began = time.perf_counter()
+            stub.Info(pb.InfoRequest(), timeout=10)
+            times.append(time.perf_counter() - began)
+    return harness.ms(harness.median(times[10:]))
 
 
 def bench_client(model_path, swarm, spans, prompt, args, push: bool) -> tuple[dict, torch.Tensor]:
@@ -222,12 +246,19 @@ def emit_swarm(results, local, common, fields, tokens, local_tokens, args) -> No
     """One swarm line: its speed, the overhead per hop over local transformers, where the step's time went."""
     overhead_ms = (fields["decode_step_ms"] - local["decode_step_ms"]) / fields["hops"]
     in_hops_ms = sum(hop["total_ms"] for hop in fields["hop_split"])
+    compute_ms = sum(hop["server_compute_ms"] for hop in fields["hop_split"])
+    # The per-hop budget: the chain's time (the client sending the step to the last reply read: the
+    # longest hop, under push) beyond its servers' compute, per hop, less one bare gRPC round trip.
+    chain_ms = max((hop["total_ms"] for hop in fields["hop_split"]), default=0.0)
+    beyond_ms = (chain_ms - compute_ms) / fields["hops"] - fields["bare_grpc_rtt_ms"]
     result = harness.record(
         "hops",
         kind="swarm",
         **common,
         **fields,
         per_hop_overhead_ms=round(overhead_ms, 3),
+        per_hop_beyond_compute_and_rtt_ms=round(beyond_ms, 3) if compute_ms else None,
+        speed_vs_local=round(fields["tokens_per_s"] / local["tokens_per_s"], 3),
         outside_hops_ms=round(fields["decode_step_ms"] - in_hops_ms, 3) if in_hops_ms else None,
         tokens_match=bool(torch.equal(tokens, local_tokens)),
         server_torch_threads=harness.threads_label(args.server_threads),

@@ -315,6 +315,7 @@ class Server:
                 most = await asyncio.to_thread(
                     self.compute.run, partial(self.compute.threads.choose_most, backend.decode_step_runner)
                 )
+                self.compute.inline_when_idle = most == 1  # no OpenMP team: a lone step needs no hand-off
                 logger.info("compute threads: %d for a lone step, 1 while loaded", most)
             throughput = await asyncio.to_thread(self.compute.run, backend.probe_throughput)
             self.runtime.state = ServerState.ONLINE

@@ -6,7 +6,9 @@ parallel region gets a team of worker threads of its own. Once a process holds m
 it has cores, GNU OpenMP stops letting idle workers spin and puts them to sleep after every region, so
 each of the hundreds of regions of a decode step waits for a wake-up. Measured on 2 cores: a mid-size
 decode step took 36 ms on the loading thread and 52 ms on any later thread. So the weights are loaded,
-the throughput probed and every step computed here, on one thread with one team.
+the throughput probed and every step computed here, on one thread with one team. The exception: once
+the server chose one torch thread (server/compute_threads.py), there is no team, and a step that finds
+the compute idle runs on its caller's thread (``inline_when_idle``), saving a hand-off each way.
 
 Callers queue in arrival order and the thread serves the oldest first, so a long prefill taken chunk by
 chunk lets the decode steps that arrived meanwhile in between its chunks (a decode step waits for at most
@@ -51,6 +53,12 @@ class ComputeQueue:
     def __init__(self, max_batch_rows: int, threads: ComputeThreads | None = None):
         self.max_batch_rows = max_batch_rows  # most rows (sessions' batch sizes summed) in one batch
         self.threads = threads  # sets torch's threads per batch from the load (None: leave them)
+        # A step that finds the compute idle runs on its caller's thread, saving two thread hand-offs.
+        # Only where torch computes on one thread: a caller's thread would otherwise start an OpenMP team
+        # of its own (see above). The server turns it on once its probe chose one thread.
+        self.inline_when_idle = False
+        self._inline: threading.Thread | None = None  # the caller computing in place now
+        self._busy = False  # the compute thread is running a batch
         self._ready = threading.Condition(threading.Lock())  # guards _jobs
         self._jobs: deque[_Job] = deque()  # waiting, oldest first
         self.batches_run = 0  # batches of two or more callers
@@ -77,11 +85,23 @@ class ComputeQueue:
         return self._submit(_Job(key, item, rows, run_many))
 
     def _submit(self, job: _Job) -> Any:
-        if threading.current_thread() is self._thread:  # already on the compute: run it here
+        me = threading.current_thread()
+        if me is self._thread or me is self._inline:  # already on the compute: run it here
             return job.run_many([job.item])[0]
         with self._ready:
-            self._jobs.append(job)
-            self._ready.notify()
+            inline = self.inline_when_idle and self._inline is None and not self._busy and not self._jobs
+            if inline:  # nobody computes or waits: this thread computes, and whoever comes now waits
+                self._inline = me
+            else:
+                self._jobs.append(job)
+                self._ready.notify()
+        if inline:
+            try:
+                return job.run_many([job.item])[0]
+            finally:
+                with self._ready:
+                    self._inline = None
+                    self._ready.notify()
         job.done.acquire()
         if job.error is not None:
             raise job.error
@@ -90,10 +110,11 @@ class ComputeQueue:
     def _serve(self) -> None:
         while True:
             with self._ready:
-                while not self._jobs:
+                while not self._jobs or self._inline is not None:
                     self._ready.wait()
                 batch = self._take_batch()
                 waiting = len(self._jobs)
+                self._busy = True
             try:
                 if self.threads is not None:
                     self.threads.before(len(batch), waiting)
@@ -106,6 +127,8 @@ class ComputeQueue:
             if len(batch) > 1:
                 self.batches_run += 1
                 self.steps_batched += len(batch)
+            with self._ready:
+                self._busy = False
             for job in batch:
                 job.done.release()
 
