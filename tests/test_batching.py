@@ -23,6 +23,7 @@ from shardnet.server.backend import SpanBackend, SpanLimits, StepInput
 from shardnet.server.compute_queue import ComputeQueue
 from shardnet.server.compute_threads import ComputeThreads
 from shardnet.server.sessions import Session
+from shardnet.server.step_path import run_step
 
 from .arch_configs import ARCHITECTURES, build_model
 
@@ -78,7 +79,7 @@ def _open(backend: SpanBackend, index: int, batch: int) -> Session:
 
 def _decode(backend: SpanBackend, session: Session, index: int, decode: int, step: StepInput) -> torch.Tensor:
     keep = session.position - 2 if index == ROLLED_BACK and decode == 1 else session.position
-    return backend.step(session, step, keep)[0]
+    return run_step(backend, session, step, keep)[0]
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -89,14 +90,14 @@ def test_batched_decode_steps_equal_each_session_alone(name, tmp_path):
     alone = []  # [session][decode] outputs, each session run by itself
     for index, steps in enumerate(inputs):
         session = _open(backend, index, steps[0].hidden_states.shape[0])
-        backend.step(session, steps[0])
+        run_step(backend, session, steps[0])
         alone.append([_decode(backend, session, index, d, step) for d, step in enumerate(steps[1:])])
     assert backend.compute.batches_run == 0
 
     sessions = []
     for index, steps in enumerate(inputs):
         sessions.append(_open(backend, index, steps[0].hidden_states.shape[0]))
-        backend.step(sessions[-1], steps[0])
+        run_step(backend, sessions[-1], steps[0])
     together: list[list[torch.Tensor]] = [[] for _ in inputs]
     for decode in range(DECODE_STEPS):
         release, holder = _holding(backend.compute)

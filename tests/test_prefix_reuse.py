@@ -21,6 +21,7 @@ from shardnet.models.checkpoint import Checkpoint
 from shardnet.server.backend import SpanBackend, SpanLimits, StepInput
 from shardnet.server.prefix_reuse import BLOCK_TOKENS, PrefixStore
 from shardnet.server.sessions import Session
+from shardnet.server.step_path import run_step
 
 from .arch_configs import ARCHITECTURES, build_model
 
@@ -49,9 +50,11 @@ def _prompts(hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _run(backend: SpanBackend, session: Session, prompt: torch.Tensor, decode: int = 3) -> list[torch.Tensor]:
     """The prefill's output, then ``decode`` decode steps' outputs (fed their own last output)."""
-    outs = [backend.step(session, StepInput(prompt, None, torch.arange(prompt.shape[1]).unsqueeze(0)))[0]]
+    outs = [
+        run_step(backend, session, StepInput(prompt, None, torch.arange(prompt.shape[1]).unsqueeze(0)))[0]
+    ]
     for _ in range(decode):
-        outs.append(backend.step(session, StepInput(outs[-1][:, -1:], None, None))[0])
+        outs.append(run_step(backend, session, StepInput(outs[-1][:, -1:], None, None))[0])
     return outs
 
 
@@ -82,7 +85,7 @@ def test_kept_outputs_are_returned_bit_for_bit_and_a_whole_kept_prompt_computes_
     backend = _backend(path, store)
     prompt = _prompts(backend.limits.hidden_size)[0][:, : 2 * BLOCK_TOKENS]
     first = _run(backend, _session(backend, "a"), prompt, decode=0)[0]
-    again, compute_s = backend.step(_session(backend, "b"), StepInput(prompt, None, None))
+    again, compute_s = run_step(backend, _session(backend, "b"), StepInput(prompt, None, None))
     assert torch.equal(again, first)  # the next server hashes these bytes: they must be the same
     assert compute_s == 0.0
     assert store.tokens_reused == 2 * BLOCK_TOKENS
@@ -110,11 +113,11 @@ def test_padding_explicit_positions_and_a_full_store_fall_back_to_a_plain_prefil
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     for _ in range(2):
         step = StepInput(prompt, mask, positions)
-        got = backend.step(_session(backend, "padded", batch=2), step)[0]
-        torch.testing.assert_close(got, plain.step(_session(plain, "p", batch=2), step)[0])
+        got = run_step(backend, _session(backend, "padded", batch=2), step)[0]
+        torch.testing.assert_close(got, run_step(plain, _session(plain, "p", batch=2), step)[0])
     shifted = StepInput(prompt[:1], None, torch.arange(5, 5 + prompt.shape[1]).unsqueeze(0))
     for _ in range(2):
-        backend.step(_session(backend, "shifted"), shifted)
+        run_step(backend, _session(backend, "shifted"), shifted)
     assert (store.hits, store.tokens_used) == (0, 0)
 
     small = PrefixStore(max_tokens=2 * BLOCK_TOKENS)  # keeps the first two blocks only

@@ -302,10 +302,19 @@ def _sessions(cluster, count: int) -> None:
 
 
 def test_200_sessions_leave_memory_where_it_was(cluster):
+    """Once the kept prompt prefixes fill their budget (every session here prefills random hidden
+    states, so each adds blocks until then, and the oldest go after), 200 more sessions leave the
+    server's memory where it was."""
+    from shardnet.server.prefix_reuse import BLOCK_TOKENS
+
     process = psutil.Process(cluster["pids"]["default"])
     before = process.memory_info().rss
-    _sessions(cluster, 20)  # warm-up: allocator pools, gRPC buffers and threads, torch kernels
+    kept_per_session = MEMORY_BATCH * (MEMORY_PREFILL // BLOCK_TOKENS) * BLOCK_TOKENS
+    budget = _info(cluster, "default").prefix_cache_tokens_total
+    # warm-up: allocator pools, gRPC buffers and threads, torch kernels, and a full prefix store
+    _sessions(cluster, 20 + -(-budget // kept_per_session))
     warm = process.memory_info().rss
+    assert budget - _info(cluster, "default").prefix_cache_tokens_used < MEMORY_BATCH * BLOCK_TOKENS  # full
     served = _info(cluster, "default").sessions_served
     _sessions(cluster, 200)
     after = process.memory_info().rss
@@ -313,7 +322,7 @@ def test_200_sessions_leave_memory_where_it_was(cluster):
     assert (info.open_sessions, info.sessions_served) == (0, served + 200)
     assert info.cache_tokens_free == info.cache_tokens_total
     logger.info(
-        "server RSS: %.1f MiB before, %.1f MiB after 20 warm-up sessions, %.1f MiB after 200 more (%+.1f MiB)",
+        "server RSS: %.1f MiB before, %.1f MiB after the warm-up sessions, %.1f MiB after 200 more (%+.1f MiB)",
         before / MIB,
         warm / MIB,
         after / MIB,

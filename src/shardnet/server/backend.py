@@ -14,8 +14,7 @@ from shardnet.devices import HOST
 from shardnet.errors import InvalidRequestError, ModelMismatchError
 from shardnet.models import SpanInputs, SpanModule
 from shardnet.server.compute_queue import ComputeQueue
-from shardnet.server.prefix_reuse import BLOCK_TOKENS, PrefixStore, block_digests
-from shardnet.server.sessions import Session
+from shardnet.server.prefix_reuse import PrefixStore
 from shardnet.server.throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
@@ -43,10 +42,9 @@ class StepInput:
 
 
 class SpanBackend:
-    """Runs a span for every session. Compute is serial (one span uses all its torch threads), taken
-    per chunk of at most ``max_chunk_tokens`` (batch x positions) in arrival order, so a long prefill
-    lets other sessions' decode steps in between its chunks; decode steps that queued meanwhile run as
-    one forward pass (up to ``max_chunk_tokens`` rows)."""
+    """A span and what may ask it for work: its limits, the checks against them, one forward pass on the
+    compute queue (``run_span``) and unary ``forward``s in chunks. A session's step goes through
+    ``server/step_path.py``, which uses these."""
 
     def __init__(
         self,
@@ -138,177 +136,28 @@ class SpanBackend:
         mask = None if step.attention_mask is None else step.attention_mask.to(torch.int64)
         if length <= self.chunk_positions(batch):
             return self.compute.run(
-                partial(self._run, step.hidden_states, SpanInputs(mask, positions), None, start, end)
+                partial(self.run_span, step.hidden_states, SpanInputs(mask, positions), None, start, end)
             )
         cache = self.span.new_cache()
         outs, compute_s = [], 0.0
-        for first, last in self._chunks(batch, length):
+        for first, last in self.chunks(batch, length):
             inputs = SpanInputs(None if mask is None else mask[:, :last], positions[:, first:last])
             out, chunk_s = self.compute.run(
-                partial(self._run, step.hidden_states[:, first:last], inputs, cache, start, end)
+                partial(self.run_span, step.hidden_states[:, first:last], inputs, cache, start, end)
             )
             outs.append(out)
             compute_s += chunk_s
         return torch.cat(outs, dim=1), compute_s  # [batch, seq, hidden]
 
-    def rewind(self, session: Session, keep: int, rows: torch.Tensor | None) -> None:
-        """Before a step: keep the cache's first ``keep`` positions, then reorder its rows by ``rows``.
-
-        Generation asks for these between two steps (assisted decoding drops rejected draft tokens, beam
-        search reorders its beams); the client sends them with the next step, so they cost no round trip.
-        """
-        if keep < session.position:
-            self.span.crop_cache(session.cache, session.start, session.end, keep)
-            session.position = keep
-            if session.attention_mask is not None:
-                session.attention_mask = session.attention_mask[:, :keep]
-        if rows is not None:
-            self.span.reorder_cache(session.cache, session.start, session.end, rows.to(self.device))
-            if session.attention_mask is not None:
-                session.attention_mask = session.attention_mask[rows]
-
-    def step(self, session: Session, step: StepInput, keep: int | None = None) -> tuple[torch.Tensor, float]:
-        """Run one step of a session, extending its KV cache and padding mask chunk by chunk. A decode
-        step (one new position) may share its forward pass with other sessions' decode steps.
-
-        ``keep``: first roll the cache back to that many positions (None: keep all), then reorder its
-        rows by ``step.hypo_ids`` (see ``rewind``); on the compute thread, like all work on the cache."""
-        keep = session.position if keep is None else keep
-        batch, new = step.hidden_states.shape[:2]
-        if new == 1 and self.batching:
-            key = (session.start, session.end, step.hidden_states.dtype)
-            return self.compute.run_batched(key, (session, step, keep), batch, self._decode_together)
-        if self.prefix is not None and _starts_plainly(session, step, keep, self.prefix):
-            return self._first_step_with_prefix(session, step)
-        return self._step_in_chunks(session, step, keep)
-
-    def _first_step_with_prefix(self, session: Session, step: StepInput) -> tuple[torch.Tensor, float]:
-        """A session's first step: start from the longest kept prefix, compute the rest, keep its blocks."""
-        hidden, store = step.hidden_states, self.prefix
-        hit = store.lookup(prefix_digests(store, session, hidden))
-        kept, outs, compute_s = hit.positions, [], 0.0
-        if kept:
-            layers = [
-                (keys.to(self.device), values.to(self.device), seen) for keys, values, seen in hit.layers()
-            ]
-            self.compute.run(
-                partial(self.span.import_cache, session.cache, session.start, session.end, layers)
-            )
-            self._advance(session, kept, None, 0.0)
-            outs.append(hit.outputs())
-        if kept < hidden.shape[1]:
-            out, compute_s = self._step_in_chunks(session, StepInput(hidden[:, kept:], None, None), kept)
-            outs.append(out)
-        else:
-            session.steps += 1
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [batch, new, hidden]
-        if len(hit.digests) > len(hit.blocks):
-            layers = self.compute.run(
-                partial(self.span.export_cache, session.cache, session.start, session.end)
-            )
-            store.keep(hit, layers, out)
-        return out, compute_s
-
-    def _step_in_chunks(self, session: Session, step: StepInput, keep: int) -> tuple[torch.Tensor, float]:
-        batch, new = step.hidden_states.shape[:2]
-        if keep < session.position or step.hypo_ids is not None:
-            self.compute.run(partial(self.rewind, session, keep, step.hypo_ids))
-        past = session.position
-        positions, mask = self._session_inputs(session, step)
-        outs, compute_s = [], 0.0
-        for first, last in self._chunks(batch, new):
-            inputs = SpanInputs(None if mask is None else mask[:, : past + last], positions[:, first:last])
-            out, chunk_s = self.compute.run(
-                partial(
-                    self._run,
-                    step.hidden_states[:, first:last],
-                    inputs,
-                    session.cache,
-                    session.start,
-                    session.end,
-                )
-            )
-            self._advance(session, past + last, mask, chunk_s)
-            outs.append(out)
-            compute_s += chunk_s
-        session.steps += 1
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), compute_s  # [batch, new, hidden]
-
-    def _decode_together(
-        self, items: list[tuple[Session, StepInput, int]]
-    ) -> list[tuple[torch.Tensor, float]]:
-        """One decode step of each session (same span), as one forward pass over all their rows."""
-        for session, step, keep in items:
-            self.rewind(session, keep, step.hypo_ids)
-        sessions = [session for session, _, _ in items]
-        start, end = sessions[0].start, sessions[0].end
-        own = [self._session_inputs(session, step) for session, step, _ in items]
-        cache = None
-        if len(items) > 1:
-            frame = max(session.position for session in sessions)
-            sizes = [session.batch_size for session in sessions]
-            cache = self.span.stack_caches([session.cache for session in sessions], sizes, start, end, frame)
-        if cache is None:  # alone, or a span that cannot batch: one by one
-            results = []
-            for (session, step, _), (positions, mask) in zip(items, own, strict=True):
-                out, compute_s = self._run(
-                    step.hidden_states, SpanInputs(mask, positions), session.cache, start, end
-                )
-                self._advance(session, session.position + 1, mask, compute_s)
-                session.steps += 1
-                results.append((out, compute_s))
-            return results
-        masks = []  # each session's padding mask, left-padded with zeros to the frame: [rows, frame + 1]
-        for session, (_, mask) in zip(sessions, own, strict=True):
-            if mask is None:
-                mask = torch.ones(session.batch_size, session.position + 1, dtype=torch.int64)
-            masks.append(torch.nn.functional.pad(mask, (frame - session.position, 0)))
-        hidden = torch.cat([step.hidden_states for _, step, _ in items])  # [rows, 1, hidden]
-        positions = torch.cat([positions for positions, _ in own])  # [rows, 1]
-        out, compute_s = self._run(hidden, SpanInputs(torch.cat(masks), positions), cache, start, end)
-        results, first = [], 0
-        for session, (_, mask) in zip(sessions, own, strict=True):
-            self._advance(session, session.position + 1, mask, compute_s)
-            session.steps += 1
-            results.append((out[first : first + session.batch_size], compute_s))
-            first += session.batch_size
-        return results
-
-    @staticmethod
-    def _session_inputs(session: Session, step: StepInput) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The step's positions [batch, new], and the padding mask of every position once it is done
-        ([batch, past + new] 0/1; None while the session never sent any padding)."""
-        batch, new = step.hidden_states.shape[:2]
-        past = session.position
-        positions = step.position_ids
-        if positions is None:
-            positions = torch.arange(past, past + new).unsqueeze(0).expand(batch, -1)  # [batch, new]
-        if step.attention_mask is None and session.attention_mask is None:
-            return positions, None
-        old = session.attention_mask
-        if old is None:
-            old = torch.ones(batch, past, dtype=torch.int64)
-        added = step.attention_mask
-        added = torch.ones(batch, new, dtype=torch.int64) if added is None else added.to(torch.int64)
-        return positions, torch.cat([old, added], dim=1)
-
-    @staticmethod
-    def _advance(session: Session, position: int, mask: torch.Tensor | None, compute_s: float) -> None:
-        """The cache now holds ``position`` positions: keep the session's view of it the same."""
-        session.position = position
-        if mask is not None:
-            session.attention_mask = mask[:, :position]
-        session.compute_s += compute_s
-
     def chunk_positions(self, batch: int) -> int:
         """Positions per compute chunk for this batch size (at least one)."""
         return max(1, self.max_chunk_tokens // batch)
 
-    def _chunks(self, batch: int, length: int) -> list[tuple[int, int]]:
+    def chunks(self, batch: int, length: int) -> list[tuple[int, int]]:
         size = self.chunk_positions(batch)
         return [(first, min(first + size, length)) for first in range(0, length, size)]
 
-    def _run(
+    def run_span(
         self, hidden: torch.Tensor, inputs: SpanInputs, cache: object | None, start: int, end: int
     ) -> tuple[torch.Tensor, float]:
         """Inputs arrive on the host in the session's wire dtype; they go to the span's device and dtype,
@@ -340,22 +189,3 @@ class SpanBackend:
             self.span.run(hidden, inputs, cache, self.limits.start, self.limits.end).to(HOST)
 
         return run_step
-
-
-def prefix_digests(store: PrefixStore, session: Session, hidden: torch.Tensor) -> list[bytes]:
-    """The hash chain naming this first step's blocks, in the session's client's scope."""
-    return block_digests(hidden, store.seed(session.client, session.start, session.end, hidden))
-
-
-def _starts_plainly(session: Session, step: StepInput, keep: int, store: PrefixStore) -> bool:
-    """A first step a kept prefix can stand for: from position 0, no padding, the default positions."""
-    hidden = step.hidden_states
-    if not store.enabled or session.position or keep or step.hypo_ids is not None:
-        return False
-    if hidden.shape[1] < BLOCK_TOKENS or session.attention_mask is not None:
-        return False
-    if step.attention_mask is not None and not bool(step.attention_mask.all()):
-        return False
-    if step.position_ids is None:
-        return True
-    return bool((step.position_ids == torch.arange(hidden.shape[1])).all())

@@ -18,19 +18,18 @@ from google.protobuf.message import DecodeError
 
 from shardnet.dht import ServerState
 from shardnet.errors import InvalidRequestError, ServerUnavailableError, SessionError, ShardnetError
-from shardnet.server.backend import SpanBackend, StepInput
+from shardnet.server.backend import SpanBackend
 from shardnet.server.handoff import HandOff, adopt
 from shardnet.server.push import PushSender
 from shardnet.server.request_rate import RequestRate
 from shardnet.server.sessions import Session, SessionTable
+from shardnet.server.step_path import present_fields, serve_step, step_input
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
 from shardnet.wire.status import status_for
-from shardnet.wire.tensors import FLOAT_DTYPES, check_finite, deserialize, serialize
+from shardnet.wire.tensors import serialize
 
 logger = logging.getLogger(__name__)
-_MASK_DTYPES = frozenset({"int64", "bool"})
-_POSITION_DTYPES = frozenset({"int64"})
 PUSH_WAIT_S = 120.0  # how long a session awaits a pushed step before giving up on it
 SERVICE_NAME = "shardnet.v1.Shard"
 
@@ -58,23 +57,6 @@ class ServerRuntime:
         if self.state != ServerState.ONLINE:
             raise ServerUnavailableError(f"server is {self.state.value} and takes no new work")
         return self.backend
-
-
-def _step_input(
-    hidden: pb.Tensor, mask: pb.Tensor, positions: pb.Tensor, present: set[str], rows: pb.Tensor | None = None
-) -> StepInput:
-    hidden_states = deserialize(hidden, FLOAT_DTYPES)
-    check_finite(hidden, "hidden_states")  # refused, not passed through: see README "what you expose"
-    return StepInput(
-        hidden_states=hidden_states,
-        attention_mask=deserialize(mask, _MASK_DTYPES) if "attention_mask" in present else None,
-        position_ids=deserialize(positions, _POSITION_DTYPES) if "position_ids" in present else None,
-        hypo_ids=deserialize(rows, _POSITION_DTYPES) if "hypo_ids" in present else None,
-    )
-
-
-def _present(message) -> set[str]:
-    return {descriptor.name for descriptor, _ in message.ListFields()}
 
 
 class ShardServicer(pb_grpc.ShardServicer):
@@ -130,8 +112,8 @@ class ShardServicer(pb_grpc.ShardServicer):
             backend = self.runtime.ready_backend()
             backend.check_model(request.model_id)
             backend.check_span(request.span.start, request.span.end)
-            step = _step_input(
-                request.hidden_states, request.attention_mask, request.position_ids, _present(request)
+            step = step_input(
+                request.hidden_states, request.attention_mask, request.position_ids, present_fields(request)
             )
             batch, length = step.hidden_states.shape[:2] if step.hidden_states.dim() == 3 else (0, 0)
             backend.check_session_shape(batch, length)
@@ -176,7 +158,8 @@ class ShardServicer(pb_grpc.ShardServicer):
                     if moved is not None:  # nothing computed here: the client sends the step there
                         yield pb.InferenceResponse(step=pb.StepResult(step_id=step.step_id, moved=moved))
                         return
-                    yield self._step(session, step)
+                    runtime = self.runtime
+                    yield serve_step(runtime.backend, runtime.sessions, runtime.push, session, step)
                 else:
                     raise InvalidRequestError("empty InferenceRequest: set open or step")
         except grpc.RpcError:  # the client went away mid-stream: nothing to answer
@@ -226,43 +209,6 @@ class ShardServicer(pb_grpc.ShardServicer):
             cancel=context.cancel,  # lets the idle reaper end this stream
             client=context.peer(),  # one connection: the unit of the per-client quotas
         )
-
-    def _step(self, session: Session, request: pb.Step) -> pb.InferenceResponse:
-        began = time.perf_counter()
-        backend = self.runtime.backend
-        if request.position > session.position:
-            raise SessionError(
-                f"step at position {request.position}, but session {session.short_id} holds {session.position}"
-            )
-        step = _step_input(
-            request.hidden_states,
-            request.attention_mask,
-            request.position_ids,
-            _present(request),
-            request.hypo_ids,
-        )
-        backend.check_step(step, session.batch_size, request.position, session.max_length)
-        self.runtime.sessions.begin_step(session)
-        try:
-            out, compute_s = backend.step(session, step, keep=request.position)
-        finally:
-            self.runtime.sessions.end_step(session)
-        logger.debug(
-            "step session=%s position=%d compute=%.4fs", session.short_id, session.position, compute_s
-        )
-        result = pb.StepResult(
-            step_id=request.step_id,
-            hidden_states=serialize(out),
-            compute_s=compute_s,
-            position=session.position,
-        )
-        if len(request.push):  # the next server's step is on the critical path: pushed before replying here
-            if self.runtime.push is None:
-                result.push_error = "this server does not push"
-            else:  # the client waits on the last server, not on this answer: the ack costs it nothing
-                result.push_error = self.runtime.push.push(request, result.hidden_states)
-        result.handle_s = time.perf_counter() - began
-        return pb.InferenceResponse(step=result)
 
     def _pushed(self, session: Session, wait: pb.AwaitPush, context: grpc.ServicerContext) -> pb.PushRequest:
         """The step ``wait.step_id`` pushed to this session (older, stale pushes are dropped). When none
