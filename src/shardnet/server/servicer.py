@@ -1,8 +1,9 @@
-"""The gRPC servicer: decode a request, call the backend, encode the reply. Errors map in one place.
+"""The gRPC servicer: read requests off streams, hand each session step to ``server/step_path.py``,
+answer Info, Forward, Push and Adopt. Errors map to statuses in one place.
 
-It runs on gRPC's synchronous server: each stream has a worker thread that decodes, computes and
-replies with no hand-off to another thread (measured: a loopback round trip ~40% cheaper than
-grpc.aio plus an executor). The backend makes compute serial and shares it fairly, chunk by chunk.
+It runs on gRPC's synchronous server: each stream has a worker thread that decodes, computes (or waits
+for the compute queue, which makes compute serial and shares it fairly, chunk by chunk) and replies
+(measured: a loopback round trip ~40% cheaper than grpc.aio plus an executor).
 """
 
 from __future__ import annotations
