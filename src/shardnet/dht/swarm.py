@@ -59,6 +59,11 @@ def start_dht(
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         client_mode=client_mode,
         record_validators=[CachedValidation(validators)],
+        # Every look-up asks the network (``_get_many``), so a copy cached here is never read; and caching
+        # on the nearest node sent every block's whole record set to a peer after each look-up, which
+        # validated and stored it again (checked on hivemind 1.1.12).
+        cache_locally=False,
+        cache_nearest=0,
         start=False,
         **({"identity_path": str(identity_path)} if identity_path else {}),
     )
