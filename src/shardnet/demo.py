@@ -40,7 +40,7 @@ class DemoConfig:
     max_new_tokens: int = 128  # generation stops here or at the end-of-turn token
     dtype: str = "float32"  # compute dtype of the servers and of the client's parts
     torch_threads: int | None = (
-        None  # torch threads per server; None = torch's default (servers compute in turn)
+        None  # torch threads per server; None = each server chooses (server/compute_threads.py)
     )
     api_port: int | None = None  # serve the HTTP gateway on 127.0.0.1:PORT until Ctrl-C instead of one answer
 

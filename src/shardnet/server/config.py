@@ -54,7 +54,9 @@ class ServerConfig:
     max_message_bytes: int = 256 * 1024 * 1024  # largest gRPC message sent or received, bytes
     announce_ttl_s: float = 30.0  # DHT record lifetime; refreshed every third of it
     drain_timeout_s: float = 10.0  # on SIGTERM, how long open sessions may finish before the server stops
-    torch_threads: int | None = None  # torch intra-op threads; None = torch's default
+    torch_threads: int | None = (
+        None  # torch intra-op threads; None = chosen by the server from probe and load
+    )
     session_idle_timeout_s: float = 300.0  # a session with no step for this long is closed, its cache freed
     max_chunk_tokens: int = 1024  # largest compute chunk, batch x positions; other steps run between chunks
     batching: bool = True  # concurrent sessions' decode steps share one forward pass (max_chunk_tokens rows)
