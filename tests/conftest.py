@@ -271,7 +271,7 @@ def server_view(
         port=5000,
         start=start,
         end=end,
-        dtype="float32",
+        dtype=fields.pop("dtype", "float32"),
         protocol="shardnet.v1",
         version="0.1.0",
         throughput=fields.pop("throughput", 2.5),

@@ -74,7 +74,10 @@ def test_status_json_and_table_show_load_and_counts(one_server):
         assert "blocks with no online server: 4:6" in table
         [row] = [line for line in table.splitlines() if view.address in line]
         assert row.split()[2:4] == ["0:4", "online"]
-        assert row.split()[-4:] == ["1", "1", shardnet.__version__, "no"]  # open, served, version, tls
+        # open, served, version, tls, weights (its digests announced, none differing: one holder)
+        assert row.split()[-5:] == ["1", "1", shardnet.__version__, "no", "ok"]
+        assert len(server["weight_digests"]) == 4 and all(len(d) == 8 for d in server["weight_digests"])
+        assert server["weights"] == "ok"
     finally:
         requests.put(None)
         responses.cancel()
@@ -132,3 +135,39 @@ def test_prefix_hits_show_in_info_and_status(one_server):
         assert time.monotonic() < deadline, "the prefix hit never reached the DHT record"
         time.sleep(0.5)
     assert server["prefix_tokens_reused"] == 2 * BLOCK_TOKENS
+
+
+def test_status_tells_a_server_whose_weights_differ_from_most_holders():
+    from shardnet.client.swarm_status import status_document
+
+    honest = ["0a0a0a0a", "1b1b1b1b"]
+    a = server_view("peerA", 0, 2, weight_digests=honest)
+    b = server_view("peerB", 0, 2, weight_digests=honest)
+    odd = server_view("peerC", 1, 3, weight_digests=["ffffffff", "2c2c2c2c"])  # block 1 differs
+    bf16 = server_view("peerD", 0, 1, dtype="bfloat16", weight_digests=["99999999"])  # another dtype
+    silent = server_view("peerE", 2, 3)  # an older server: no digests
+    document = status_document([[a, b, bf16], [a, b, odd], [odd, silent]], "llama_x", 3, "llama")
+    weights = {s["peer_id"]: s["weights"] for s in document["servers"]}
+    assert weights == {"peerA": "ok", "peerB": "ok", "peerC": "differs", "peerD": "ok", "peerE": "-"}
+    tie = status_document([[a], [a, odd]], "llama_x", 3, "llama")  # one against one: nobody to believe
+    assert {s["peer_id"]: s["weights"] for s in tie["servers"]} == {"peerA": "ok", "peerC": "ok"}
+
+
+def test_weight_digests_are_stable_and_tell_a_changed_weight(llama_untied):
+    from transformers import AutoConfig
+
+    from shardnet.models import adapter_for
+    from shardnet.models.checkpoint import Checkpoint
+    from shardnet.server.weight_identity import span_digests
+
+    config = AutoConfig.from_pretrained(llama_untied)
+    load = lambda: adapter_for(config).load_span(Checkpoint(llama_untied), config, 1, 4, torch.float32)  # noqa: E731
+    first, again = load(), load()
+    assert span_digests(first.blocks) == span_digests(again.blocks)
+    with torch.no_grad():
+        next(again.blocks[1].parameters()).view(-1)[0] += 1e-3
+    changed = span_digests(again.blocks)
+    assert changed[0] == span_digests(first.blocks)[0] and changed[2] == span_digests(first.blocks)[2]
+    assert changed[1] != span_digests(first.blocks)[1]
+    half = adapter_for(config).load_span(Checkpoint(llama_untied), config, 1, 4, torch.bfloat16)
+    assert span_digests(half.blocks) != span_digests(first.blocks)  # a digest is of the weights as loaded

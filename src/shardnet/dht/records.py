@@ -54,6 +54,19 @@ class ServerRecord(pydantic.BaseModel):
     tls_fingerprint: pydantic.constr(strict=True, regex="^([0-9a-f]{64})?$") = ""
     prefix_hits: pydantic.conint(strict=True, ge=0) = 0  # sessions that started from a kept prompt prefix
     prefix_tokens_reused: pydantic.conint(strict=True, ge=0) = 0  # prefill positions (x batch) they skipped
+    # A short digest of each held block's weights as loaded (server/weight_identity.py); [] = not announced.
+    weight_digests: pydantic.conlist(pydantic.constr(strict=True, regex="^[0-9a-f]{8}$"), max_items=4096) = []
+
+    @pydantic.validator("weight_digests")
+    def _one_digest_per_block(cls, digests: list, values: dict) -> list:  # noqa: N805
+        if (
+            digests
+            and "start" in values
+            and "end" in values
+            and len(digests) != values["end"] - values["start"]
+        ):
+            raise ValueError("weight_digests must hold one digest per block of the span")
+        return digests
 
     @pydantic.validator("end")
     def _end_after_start(cls, end: int, values: dict) -> int:  # noqa: N805

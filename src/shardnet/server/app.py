@@ -50,6 +50,7 @@ from shardnet.server.request_rate import RequestRate
 from shardnet.server.servicer import ServerRuntime, ShardServicer, add_to_server
 from shardnet.server.sessions import SessionTable
 from shardnet.server.tls import default_state_dir, server_certificate
+from shardnet.server.weight_identity import span_digests
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION
 from shardnet.wire.call_auth import CallSigner, CallVerifier, VerifyingInterceptor
@@ -117,6 +118,7 @@ class Server:
                 config.tls_cert, config.tls_key, config.state_dir or default_state_dir()
             )
         self.tls_fingerprint = fingerprint(self.tls[0]) if self.tls else ""
+        self.weight_digests: list[str] = []  # one per block, once the span is loaded
         self.runtime = ServerRuntime(
             SessionTable(
                 config.max_cache_tokens,
@@ -190,6 +192,7 @@ class Server:
             tls_fingerprint=self.tls_fingerprint,
             prefix_hits=self.runtime.backend.prefix.hits if self.runtime.backend else 0,
             prefix_tokens_reused=self.runtime.backend.prefix.tokens_reused if self.runtime.backend else 0,
+            weight_digests=self.weight_digests,
         )
 
     def _holders(self) -> list[ServerView]:
@@ -207,6 +210,7 @@ class Server:
         span = self.adapter.load_span(self.checkpoint, self.model_config, start, end, self.dtype, self.device)
         # Right after loading, layer by layer: the peak is the span in --dtype, never the whole model.
         quantize_span(span, self.config.quant, self.device)
+        self.weight_digests = span_digests(span.blocks)  # announced: status tells weights that differ
         limits = SpanLimits(
             model_id=self.model_id,
             start=start,
