@@ -106,4 +106,6 @@ def test_status_shows_which_servers_speak_tls(tls_swarm):
     document = json.loads(shardnet_status(swarm, "--json"))
     assert {len(server["tls_fingerprint"]) for server in document["servers"]} == {64}
     rows = shardnet_status(swarm).splitlines()
-    assert rows[1].endswith("tls") and all(row.endswith("yes") for row in rows[2:4])
+    # the tls column, then weights (ok: both announce the same digests)
+    assert rows[1].split()[-2:] == ["tls", "weights"]
+    assert all(row.split()[-2:] == ["yes", "ok"] for row in rows[2:4])
