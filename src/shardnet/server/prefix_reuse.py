@@ -75,9 +75,9 @@ def block_digests(hidden: torch.Tensor, seed: bytes) -> list[bytes]:
     digests, previous = [], hashlib.blake2b(seed, digest_size=20).digest()
     for first in range(0, hidden.shape[1] - BLOCK_TOKENS + 1, BLOCK_TOKENS):
         block = rows[:, first : first + BLOCK_TOKENS].contiguous()
-        previous = hashlib.blake2b(
-            previous + block.view(torch.uint8).numpy().tobytes(), digest_size=20
-        ).digest()
+        chained = hashlib.blake2b(previous, digest_size=20)
+        chained.update(block.view(torch.uint8).numpy())  # read in place: no copy of the block's bytes
+        previous = chained.digest()
         digests.append(previous)
     return digests
 

@@ -31,7 +31,8 @@ def block_digest(block: nn.Module) -> str:
     for name, tensor in sorted(block.state_dict().items()):
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy())  # read in place: no copy of the bytes
     return digest.hexdigest()
 
 
