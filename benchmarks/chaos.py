@@ -39,7 +39,7 @@ from chaos_injectors import LoopbackFaults, NamespaceFaults
 from transformers import AutoModelForCausalLM
 
 from shardnet import ShardedModel
-from shardnet.client.health import ServerHealth
+from shardnet.client.trust import ServerTrust
 from shardnet.dht import start_dht
 from shardnet.launch import LocalSwarm, even_spans
 
@@ -250,7 +250,7 @@ def main() -> None:  # noqa: PLR0915 (one run, top to bottom)
             clients.start()
             logger.info("warm-up: %.0fs without faults", args.warmup_s)
             time.sleep(args.warmup_s)
-            chaos_s, events_before = clock(), ServerHealth.shared().counts()
+            chaos_s, events_before = clock(), ServerTrust.shared().counts()
             memory["before"] = server_memory(nemesis.live_servers())
             logger.info("chaos: %.1f min, one fault every %.1fs", args.minutes, args.fault_every_s)
             nemesis.run(args.minutes * 60)
@@ -258,7 +258,7 @@ def main() -> None:  # noqa: PLR0915 (one run, top to bottom)
             clients.stop.set()
             nemesis.heal()
             stuck = clients.join(timeout_s=150)
-            events_after = ServerHealth.shared().counts()
+            events_after = ServerTrust.shared().counts()
             events = {
                 k: events_after.get(k, 0) - events_before.get(k, 0) for k in {*CLIENT_EVENTS, *events_after}
             }

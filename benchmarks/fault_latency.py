@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shardnet import ShardedModel
-from shardnet.client.health import ServerHealth
+from shardnet.client.trust import ServerTrust
 from shardnet.launch import LocalSwarm, even_spans
 from shardnet.netns import HostNetwork
 
@@ -104,7 +104,7 @@ def host_at(network, address: str):
 
 
 def run_scenario(swarm, model, local_tokens, prompt, args, scenario) -> dict:
-    health = ServerHealth.shared()
+    health = ServerTrust.shared()
     began = time.perf_counter()
     clean = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
     clean_s = time.perf_counter() - began

@@ -17,7 +17,7 @@ announced on it (records only, no weights, nobody listens on their ports), then:
 The fake servers have random spans (a chain of online servers that covers 0:40, replicas of other
 servers' spans, and random unaligned spans), states (mostly online, some joining, draining, offline),
 a few of another dtype or protocol, random throughputs, open sessions, free cache and limits, and a
-measured round trip each (put into the client's ``ServerHealth`` as pings would).
+measured round trip each (put into the client's ``ServerTrust`` as pings would).
 
 How the records get in: one injector DHT node holds every fake server's RSA key. Its record validator
 is ``MultiKeySigner``, an ``RSASignatureValidator`` that signs each record with the private key named
@@ -56,10 +56,10 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from shardnet.client.config import ClientConfig
-from shardnet.client.health import ServerHealth
 from shardnet.client.planner import RoutePlanner, SessionNeeds
 from shardnet.client.routing import CostModel, HopCost, RouteHop, cheapest_route, hop_costs
 from shardnet.client.swarm_view import SwarmView, distinct_servers
+from shardnet.client.trust import ServerTrust
 from shardnet.dht import ServerRecord, ServerState, ServerView, lookup, start_dht, visible_maddrs
 from shardnet.dht.records import block_key, schema_validator
 from shardnet.wire import PROTOCOL_VERSION
@@ -354,7 +354,7 @@ def bench_swarm(count: int, keys: Sequence[RSAPrivateKey], args: argparse.Namesp
         per_block = found[-1]
         seen = distinct_servers(per_block)
 
-        health = ServerHealth()  # this benchmark's own, with the RTTs pings would have measured
+        health = ServerTrust()  # this benchmark's own, with the RTTs pings would have measured
         for server in servers:
             health.record_rtt(server.record.peer_id, server.rtt_s)
         view = SwarmView(client, model_id, NUM_BLOCKS, owns_dht=False, health=health)

@@ -120,7 +120,7 @@ def test_full_server_refuses_and_the_session_completes_elsewhere(llama_untied, l
                 holder = pb_grpc.ShardStub(channel).Inference(requests(), timeout=60)
                 assert next(holder).WhichOneof("kind") == "opened"  # 30 of the 40 tokens are taken now
                 ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(5))
-                with caplog.at_level("INFO", logger="shardnet.client.health"):
+                with caplog.at_level("INFO", logger="shardnet.client.trust"):
                     got = model.generate(ids, max_new_tokens=20, do_sample=False)  # needs 29 tokens
                 done.set()
                 holder.cancel()

@@ -9,10 +9,10 @@ import pytest
 
 from shardnet.client.config import ClientConfig
 from shardnet.client.failover import HEDGE_FACTOR, Failover
-from shardnet.client.health import ServerHealth
 from shardnet.client.planner import RoutePlanner
 from shardnet.client.routing import RouteHop
 from shardnet.client.swarm_view import SwarmSnapshot
+from shardnet.client.trust import ServerTrust
 from shardnet.errors import (
     InvalidRequestError,
     RemoteError,
@@ -47,7 +47,7 @@ def hop(peer: str, start: int = 0, end: int = 3, throughput: float = 100.0) -> R
 
 def test_a_server_unreachable_when_opened_is_not_charged_but_a_failover_is():
     config = ClientConfig(max_retries=1)
-    failover = Failover(config, ServerHealth(), "test")
+    failover = Failover(config, ServerTrust(), "test")
     for peer in "abcde":  # stale records of dead servers: each skipped, none charged
         failover.failed(hop(peer), ServerUnavailableError("Connection refused"), opening=True)
     assert failover.failures == 0 and failover.excluded == frozenset("abcde")
@@ -57,7 +57,7 @@ def test_a_server_unreachable_when_opened_is_not_charged_but_a_failover_is():
 
 
 def test_what_no_retry_fixes_is_raised_and_a_session_gone_bans_nobody():
-    health = ServerHealth()
+    health = ServerTrust()
     failover = Failover(ClientConfig(), health, "test")
     with pytest.raises(InvalidRequestError):
         failover.failed(hop("a"), InvalidRequestError("bad shape"))
@@ -69,7 +69,7 @@ def test_what_no_retry_fixes_is_raised_and_a_session_gone_bans_nobody():
 
 
 def test_failures_seen_during_one_ban_do_not_double_it():
-    health = ServerHealth(ban_base_s=0.2)
+    health = ServerTrust(ban_base_s=0.2)
     for _ in range(4):  # four sessions saw the same outage at once
         assert health.report_failure("a", "outage") == pytest.approx(0.2)
     time.sleep(0.25)
@@ -77,7 +77,7 @@ def test_failures_seen_during_one_ban_do_not_double_it():
 
 
 def test_a_step_budget_is_four_expected_steps_within_the_floor_and_the_request_timeout():
-    health = ServerHealth()
+    health = ServerTrust()
     config = ClientConfig(hedge_floor_s=3.0, request_timeout_s=120.0)
     failover = Failover(config, health, "test")
     assert failover.budget_s(hop("a", throughput=100.0), 1) == 3.0  # 10 ms a step: the floor
@@ -93,11 +93,11 @@ def test_servers_that_failed_the_request_are_used_again_when_nobody_else_holds_t
     only = server_view("only", 0, 3, throughput=100.0)
     other = server_view("other", 0, 3, throughput=1.0)
     config = ClientConfig(route_timeout_s=0.5)
-    planner = RoutePlanner(FixedView([only, other]), ServerHealth(), config)
+    planner = RoutePlanner(FixedView([only, other]), ServerTrust(), config)
     assert [h.peer_id for h in planner.route(0, 3, exclude=frozenset({"only"}))] == ["other"]
-    alone = RoutePlanner(FixedView([only]), ServerHealth(), config)
+    alone = RoutePlanner(FixedView([only]), ServerTrust(), config)
     assert [h.peer_id for h in alone.route(0, 3, exclude=frozenset({"only"}))] == ["only"]
-    banned = ServerHealth()
+    banned = ServerTrust()
     banned.report_failure("only", "down")
     began = time.monotonic()
     route = RoutePlanner(FixedView([only]), banned, ClientConfig(route_timeout_s=5.0)).route(
@@ -105,4 +105,4 @@ def test_servers_that_failed_the_request_are_used_again_when_nobody_else_holds_t
     )
     assert [h.peer_id for h in route] == ["only"] and time.monotonic() - began >= 0.9  # after its ban
     with pytest.raises(RouteNotFoundError):
-        RoutePlanner(FixedView([only]), ServerHealth(), config).route(3, 6)
+        RoutePlanner(FixedView([only]), ServerTrust(), config).route(3, 6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shardnet import ShardedModel
-from shardnet.client.health import ServerHealth
+from shardnet.client.trust import ServerTrust
 from shardnet.wire import pb, pb_grpc
 from shardnet.wire.tensors import serialize
 
@@ -33,7 +33,7 @@ def local(llama_untied):
 def test_a_draining_server_hands_its_session_over_and_nothing_is_replayed(replicas, local, hop, push, batch):
     ids, mask = prompt(batch, seed=hop + 10 * batch, pad=3)
     want = local.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
-    health = ServerHealth.shared()
+    health = ServerTrust.shared()
     drained = []
     with ShardedModel.from_pretrained(replicas.model_path, replicas.initial_peers, push=push) as model:
         with model.inference_session(max_length=64) as session:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shardnet import ShardedModel
-from shardnet.client.health import ServerHealth
+from shardnet.client.trust import ServerTrust
 
 from .conftest import OnToken, reference, serving_process
 
@@ -32,7 +32,7 @@ def local(llama_untied):
 def test_a_frozen_server_costs_one_hedge_and_the_tokens_stay_exact(replicas, local, hop):
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(hop))
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    health = ServerHealth.shared()
+    health = ServerTrust.shared()
     frozen = []
     with ShardedModel.from_pretrained(replicas.model_path, replicas.initial_peers) as model:
         began = time.monotonic()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from shardnet import ShardedModel
-from shardnet.client.health import ServerHealth
+from shardnet.client.trust import ServerTrust
 from shardnet.launch import listening_ports
 from shardnet.netns import HostNetwork, available
 
@@ -70,7 +70,7 @@ def _generate(model, ids, streamer=None) -> tuple[torch.Tensor, float]:
 def test_a_link_cut_between_two_servers_costs_one_delivered_step_and_bans_nobody(network, swarm, local):
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(21))
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    health = ServerHealth.shared()
+    health = ServerTrust.shared()
     cuts, involved = [], set()
     with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers) as model:
         clean, clean_s = _generate(model, ids)
@@ -110,7 +110,7 @@ def test_a_link_cut_between_two_servers_costs_one_delivered_step_and_bans_nobody
 def test_a_link_cut_between_the_client_and_a_server_is_hedged_on_the_replica(network, swarm, local):
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(22))
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    health = ServerHealth.shared()
+    health = ServerTrust.shared()
     cut_off = []
     with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers) as model:
         clean, clean_s = _generate(model, ids)

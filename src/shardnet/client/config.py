@@ -28,6 +28,7 @@ class ClientConfig:
     blocked_servers: frozenset[str] = frozenset()  # peer ids never routed to
     quant: frozenset[str] = frozenset({"none"})  # quantizations of servers routed through (none = exact)
     push: bool = True  # servers pass each step's output on to the next server (when all of a route can)
+    verify_fraction: float = 0.05  # probability that a hop's step is checked by other holders (0 = never)
 
     def __post_init__(self) -> None:
         if self.dtype not in WIRE_DTYPES:
@@ -38,6 +39,8 @@ class ClientConfig:
         for name in ("route_timeout_s", "request_timeout_s", "refresh_interval_s", "hedge_floor_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ConfigError(f"verify_fraction must be in [0, 1], got {self.verify_fraction!r}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be 0 or more, got {self.max_retries!r}")
         unknown = set(self.quant) - set(QUANT_MODES)

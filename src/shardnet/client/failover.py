@@ -13,7 +13,7 @@ Stateless forwards (``client/forward.py``), inference sessions (``client/session
   live replicas stand ready; the same holds for a stateless forward. What bounds those tries is the
   route timeout (``RoutePlanner.route``).
 - **Bans.** A server that failed is avoided by every model of the process for a backoff that doubles
-  (``ServerHealth``), except when the failure says nothing about the server: it ended the session on its
+  (``ServerTrust``), except when the failure says nothing about the server: it ended the session on its
   own (idle reclaim, drain), or the session is gone there.
 - **Hedging.** Each step has a budget from the server's expected step time: its measured round trip, its
   announced throughput and its recent steps, times ``HEDGE_FACTOR``, never below the client's
@@ -22,7 +22,7 @@ Stateless forwards (``client/forward.py``), inference sessions (``client/session
   dropped. A frozen server then costs seconds, not the request timeout.
 - **Broken links.** A server that answers the client but cannot push to the next one is not at fault:
   nobody is banned, the client delivers that step itself, and the pair's link is avoided for pushes a
-  while (``ServerHealth.report_broken_link``).
+  while (``ServerTrust.report_broken_link``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import logging
 from dataclasses import dataclass, field
 
 from shardnet.client.config import ClientConfig
-from shardnet.client.health import ServerHealth
 from shardnet.client.routing import RouteHop
+from shardnet.client.trust import ServerTrust
 from shardnet.errors import (
     RouteNotFoundError,
     ServerUnavailableError,
@@ -67,7 +67,7 @@ class Failover:
     """The failover state of one request: a stateless forward, one session step, or a session's opening."""
 
     config: ClientConfig
-    health: ServerHealth
+    health: ServerTrust
     label: str  # for logs: "forward" or "session=1a2b3c4d"
     failures: int = 0  # failovers charged to this request
     failed_peers: set[str] = field(default_factory=set)  # servers not retried within this request

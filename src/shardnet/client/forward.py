@@ -14,11 +14,11 @@ import torch
 
 from shardnet.client.config import ClientConfig
 from shardnet.client.failover import Failover
-from shardnet.client.health import ServerHealth
 from shardnet.client.hop_stream import optional_tensors
 from shardnet.client.planner import RoutePlanner
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
+from shardnet.client.trust import ServerTrust
 from shardnet.errors import ShardnetError
 from shardnet.wire import pb
 from shardnet.wire.status import error_from_rpc
@@ -53,7 +53,7 @@ def _forward_hop(
 def forward_through_swarm(
     planner: RoutePlanner,
     transport: Transport,
-    health: ServerHealth,
+    health: ServerTrust,
     config: ClientConfig,
     model_id: str,
     num_blocks: int,

@@ -17,13 +17,13 @@ from transformers.utils import ModelOutput
 from shardnet.client.config import ClientConfig, peer_set, quant_set
 from shardnet.client.conversation import Conversation
 from shardnet.client.forward import forward_through_swarm
-from shardnet.client.health import ServerHealth
 from shardnet.client.planner import RoutePlanner
 from shardnet.client.remote_cache import RemoteCache
 from shardnet.client.routing import RouteHop
 from shardnet.client.session import InferenceSession
 from shardnet.client.swarm_view import SwarmView
 from shardnet.client.transport import Transport
+from shardnet.client.trust import ServerTrust
 from shardnet.devices import HOST, make_current, resolve_device
 from shardnet.errors import ConfigError, GenerationError
 from shardnet.models import Checkpoint, ClientHead, adapter_for, hf_compat, load_config
@@ -96,6 +96,7 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
         max_message_bytes: int = 256 * 1024 * 1024,
         push: bool = True,
         swarm_key: str | SwarmKey | None = None,
+        verify_fraction: float = 0.05,
     ) -> ShardedModel:
         """Load the client-side weights from a local model folder and join the swarm.
 
@@ -115,7 +116,10 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
         2N), when every server of the route supports it; ``push=False`` chains every hop through the client.
         ``swarm_key``: the key of a private swarm, as hex (what ``shardnet keygen`` writes): the client
         reads only records sealed with it and signs every call with it (a ``dht`` passed in must have
-        been started with it too).
+        been started with it too). ``verify_fraction``: the probability that each hop's step is computed
+        again by another holder of its blocks (1.0: every step, so every output is exact even with a
+        server computing wrong; 0: never); a server outvoted by two others is banned in this process
+        (``suspected_servers``) and its steps recomputed (README "Verified results").
         """
         key = SwarmKey.from_hex(swarm_key) if isinstance(swarm_key, str) else swarm_key
         client_config = ClientConfig(
@@ -131,6 +135,7 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
             blocked_servers=peer_set(blocked_servers, "blocked_servers") or frozenset(),
             quant=quant_set(quant),
             push=bool(push),
+            verify_fraction=float(verify_fraction),
         )
         if not initial_peers and dht is None:
             raise ConfigError("initial_peers is empty: pass the multiaddrs printed by `shardnet dht`")
@@ -151,7 +156,7 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
             model_id=model_id,
             dht=dht,
             swarm_key=key,
-            health=ServerHealth.shared(),
+            health=ServerTrust.shared(),
             transport=transport,
             refresh_interval_s=refresh_interval_s,
         )
@@ -165,6 +170,11 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
     @last_route.setter
     def last_route(self, route: list[RouteHop]) -> None:
         self._last_route.set(tuple(route))
+
+    @property
+    def suspected_servers(self) -> frozenset[str]:
+        """Peer ids of the servers found computing wrong, not used again in this process."""
+        return self.health.suspected()
 
     @property
     def model_id(self) -> str:

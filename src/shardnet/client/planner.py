@@ -15,9 +15,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from shardnet.client.config import ClientConfig
-from shardnet.client.health import ServerHealth
 from shardnet.client.routing import CostModel, RouteHop, cheapest_route, hop_costs, missing_blocks
 from shardnet.client.swarm_view import SwarmView
+from shardnet.client.trust import ServerTrust
 from shardnet.dht import ServerState, ServerView
 from shardnet.errors import RouteNotFoundError, ShardnetError
 from shardnet.wire import PROTOCOL_VERSION
@@ -41,7 +41,7 @@ class RoutePlanner:
     def __init__(
         self,
         view: SwarmView,
-        health: ServerHealth,
+        health: ServerTrust,
         config: ClientConfig,
         cost_model: CostModel | None = None,
     ):
@@ -105,7 +105,7 @@ class RoutePlanner:
 
         ``exclude``: peer ids not to use while others can serve (those that failed the request at hand);
         when nobody else holds some block, they are used again once their ban is over.
-        ``reserve``: count a session on each hop's server at once (``ServerHealth.session_opened``), so
+        ``reserve``: count a session on each hop's server at once (``ServerTrust.session_opened``), so
         that routes chosen at the same moment by other threads spread over replicas; the caller calls
         ``session_closed`` for each hop when its session ends or fails to open.
         """

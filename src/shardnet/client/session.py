@@ -21,7 +21,6 @@ import torch
 from shardnet.client.config import ClientConfig
 from shardnet.client.failover import Failover
 from shardnet.client.handoff import adopt_stream
-from shardnet.client.health import ServerHealth
 from shardnet.client.history import GrowingBuffer
 from shardnet.client.hop_stream import HopTiming, SessionMovedError, SpanStream
 from shardnet.client.planner import RoutePlanner, SessionNeeds
@@ -29,6 +28,8 @@ from shardnet.client.push_chain import PushedStep
 from shardnet.client.replies import ReplyBoard
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
+from shardnet.client.trust import ServerTrust
+from shardnet.client.verification import Verifier
 from shardnet.devices import HOST
 from shardnet.errors import GenerationError, SessionError, SessionExpiredError, ShardnetError
 from shardnet.wire import pb
@@ -61,13 +62,17 @@ class InferenceSession:
         self,
         planner: RoutePlanner,
         transport: Transport,
-        health: ServerHealth,
+        health: ServerTrust,
         model_id: str,
         blocks: tuple[int, int],
         batch_size: int,
         max_length: int,
         config: ClientConfig,
+        exclude: frozenset[str] = frozenset(),
+        verify: bool = True,
     ):
+        """``exclude``: servers never to use for this session (a witness's: the server it checks).
+        ``verify``: check a sampled fraction of steps on other servers (``config.verify_fraction``)."""
         self.session_id = uuid.uuid4().hex
         self.model_id = model_id
         self.blocks = blocks  # half-open span of blocks the session runs, (0, num_blocks) for a model
@@ -82,6 +87,7 @@ class InferenceSession:
         self._planner = planner
         self._transport = transport
         self._config = config
+        self._exclude = exclude
         self._needs = SessionNeeds(batch_size, max_length)
         self._positions = GrowingBuffer(max_length)  # [batch, position] every position id sent
         self._mask = GrowingBuffer(max_length)  # [batch, position] 0/1 padding of every position
@@ -95,6 +101,7 @@ class InferenceSession:
             None  # why a step failed midway; the session takes no more steps  # chains of the last step that still owe answers
         )
         self._hops, _ = self._open(*blocks, None, self._failover())
+        self._verifier = Verifier(self, config.verify_fraction) if verify and config.verify_fraction else None
         logger.info(
             "session open session=%s route=%s max_length=%d batch=%d",
             self.short_id,
@@ -112,8 +119,22 @@ class InferenceSession:
         """The servers this session runs on now (changes when it fails over)."""
         return [hop.hop for hop in self._hops]
 
+    @property
+    def hops(self) -> list[SessionHop]:
+        return self._hops
+
+    @property
+    def config(self) -> ClientConfig:
+        return self._config
+
+    @property
+    def planner(self) -> RoutePlanner:
+        return self._planner
+
     def _failover(self) -> Failover:
-        return Failover(self._config, self.health, f"session={self.short_id}")
+        return Failover(
+            self._config, self.health, f"session={self.short_id}", failed_peers=set(self._exclude)
+        )
 
     # ---- stepping ----
 
@@ -135,7 +156,7 @@ class InferenceSession:
         failover = self._failover()
         timings: list[HopTiming] = []
         try:
-            self._collect()  # the last step's owed answers, replayed (if need be) as that step: no _current yet
+            self.collect()  # the last step's owed answers, replayed (if need be) as that step: no _current yet
             self._current = (step_mask if masked else None, positions)
             index = 0
             while index < len(self._hops):
@@ -161,6 +182,12 @@ class InferenceSession:
         self._masked = masked
         self.position += new
         self.last_timings = timings
+        if self._verifier is not None:
+            try:
+                hidden = self._verifier.after_step(hidden)
+            except BaseException as error:
+                self._broken = f"{type(error).__name__}: {error}"  # a repair may have stopped midway
+                raise
         return hidden
 
     def _step_hop(
@@ -215,23 +242,21 @@ class InferenceSession:
         """Whether steps go server to server: asked for, and every server of the route takes pushes."""
         return self._config.push and len(self._hops) > 1 and all(h.stream.push_token for h in self._hops)
 
-    def replace_hop(self, hop: SessionHop, hop_input: torch.Tensor, failover: Failover) -> torch.Tensor:
+    def replace_hop(
+        self, hop: SessionHop, hop_input: torch.Tensor | None, failover: Failover
+    ) -> torch.Tensor:
         """Route ``hop``'s blocks again, replaying its history and ``hop_input`` (what it was given for the
-        step at hand, whose positions the session holds already when no step is running) into the
-        replacements; returns their output for all those positions."""
+        step at hand, whose positions the session holds already when no step is running; None: nothing
+        more) into the replacements; returns their output for all those positions."""
+        inputs = hop.inputs.view() if hop_input is None else hop.inputs.with_tail(hop_input)
         if self._current is not None:
             step_mask, positions = self._current
             mask = self._mask.with_tail(step_mask) if step_mask is not None else None
-            replay = _Replay(hop.inputs.with_tail(hop_input), mask, self._positions.with_tail(positions))
+            replay = _Replay(inputs, mask, self._positions.with_tail(positions))
         else:
-            mask = self._mask.view() if self._masked else None
-            replay = _Replay(hop.inputs.with_tail(hop_input), mask, self._positions.view())
-        index = self._hops.index(hop)
-        hop.stream.close()
-        self.health.session_closed(hop.hop.peer_id)
+            replay = _Replay(inputs, self.mask_history(0, self.position), self._positions.view())
         self._planner.view.request_refresh()  # in the background: the failed server is excluded already
-        replacements, replay.output = self._open(hop.hop.start, hop.hop.end, replay, failover)
-        self._hops[index : index + 1] = replacements
+        replacements = self._reopen(hop, replay, failover)
         self.failovers += 1
         self.health.count("replays")
         logger.info(
@@ -243,6 +268,54 @@ class InferenceSession:
             replay.hidden.shape[1],
         )
         return replay.output
+
+    def _reopen(self, hop: SessionHop, replay: _Replay, failover: Failover) -> list[SessionHop]:
+        """Close ``hop``'s stream and open its blocks again (maybe over several servers), replayed."""
+        index = self._hops.index(hop)
+        hop.stream.close()
+        self.health.session_closed(hop.hop.peer_id)
+        replacements, replay.output = self._open(hop.hop.start, hop.hop.end, replay, failover)
+        self._hops[index : index + 1] = replacements
+        return replacements
+
+    def recompute_from(self, liar: SessionHop) -> tuple[list[SessionHop], torch.Tensor]:
+        """``liar`` computed wrong (``client/verification.py``): route its blocks again and replay its
+        history there, then rebuild every later hop from the corrected outputs (their histories hold the
+        liar's). Returns the replacements and the session's corrected output for every position."""
+        failover = self._failover()
+        index = self._hops.index(liar)
+        count = len(self._hops)
+        output = self.replace_hop(liar, None, failover)
+        replacements = self._hops[index : index + len(self._hops) - count + 1]
+        for hop in list(self._hops[index + len(replacements) :]):
+            replay = _Replay(output, self.mask_history(0, self.position), self._positions.view())
+            self._reopen(hop, replay, failover)
+            output = replay.output
+        return replacements, output
+
+    def sub_session(self, blocks: tuple[int, int], exclude: frozenset[str]) -> InferenceSession:
+        """A session of the same shape over ``blocks`` on servers none of ``exclude`` (a witness), itself
+        unverified."""
+        return InferenceSession(
+            self._planner,
+            self._transport,
+            self.health,
+            self.model_id,
+            blocks,
+            self.batch_size,
+            self.max_length,
+            self._config,
+            exclude=exclude,
+            verify=False,
+        )
+
+    def mask_history(self, begin: int, end: int) -> torch.Tensor | None:
+        """The padding mask of positions begin:end [batch, end - begin], None when none was ever sent."""
+        return self._mask.view()[:, begin:end] if self._masked else None
+
+    def position_history(self, begin: int, end: int) -> torch.Tensor:
+        """The position ids of positions begin:end, [batch, end - begin]."""
+        return self._positions.view()[:, begin:end]
 
     def adopt_hop(self, hop: SessionHop, moved: pb.Moved, failover: Failover) -> SessionHop | None:
         """Open the session where ``hop``'s draining server handed it (``client/handoff.py``); returns the
@@ -279,7 +352,7 @@ class InferenceSession:
         """The swarm view routes come from."""
         return self._planner.view
 
-    def _collect(self) -> None:
+    def collect(self) -> None:
         """Read the answers the last pushed step still owes, into the replay history (see PushedStep)."""
         pending, self._uncollected = self._uncollected, []
         for chain in pending:
@@ -292,7 +365,7 @@ class InferenceSession:
 
         Every server applies it with the session's next step; the replay history is reordered now, so a
         replacement server rebuilds the reordered cache."""
-        self._collect()
+        self.collect()
         rows = rows.to(HOST, torch.long)
         if list(rows.shape) != [self.batch_size] or int(rows.min()) < 0 or int(rows.max()) >= self.batch_size:
             raise GenerationError(
@@ -303,18 +376,22 @@ class InferenceSession:
             hop.inputs.reorder(rows)
         self._positions.reorder(rows)
         self._mask.reorder(rows)
+        if self._verifier is not None:
+            self._verifier.reorder(rows)
 
     def crop(self, keep: int) -> None:
         """Forget every position from ``keep`` on, in the servers' caches (with the next step) and here."""
         if not 0 <= keep <= self.position:
             raise GenerationError(f"cannot keep {keep} positions of a session holding {self.position}")
-        self._collect()
+        self.collect()
         for hop in self._hops:
             hop.stream.crop(keep)
             hop.inputs.truncate(keep)
         self._positions.truncate(keep)
         self._mask.truncate(keep)
         self.position = keep
+        if self._verifier is not None:
+            self._verifier.crop(keep)
 
     # ---- opening and failover ----
 
@@ -387,6 +464,8 @@ class InferenceSession:
     # ---- lifetime ----
 
     def close(self) -> None:
+        if self._verifier is not None:
+            self._verifier.close()
         for hop in self._hops:
             hop.stream.close()
             self.health.session_closed(hop.hop.peer_id)

@@ -2,7 +2,7 @@
 announced servers that a background thread keeps fresh, so no look-up ever runs on the per-token path.
 
 Each refresh also pings (the cheap ``Info`` RPC) the online servers not measured recently: the round
-trip goes into ``ServerHealth`` for routing, and a server that announces itself but does not answer
+trip goes into ``ServerTrust`` for routing, and a server that announces itself but does not answer
 is avoided for a while.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 import hivemind
 
-from shardnet.client.health import ServerHealth
 from shardnet.client.transport import Transport
+from shardnet.client.trust import ServerTrust
 from shardnet.dht import ServerState, ServerView, lookup, start_dht
 from shardnet.errors import ConfigError, ShardnetError
 from shardnet.models import derive_model_id, load_config, validate_model_id
@@ -54,7 +54,7 @@ class SwarmView:
         model_id: str,
         num_blocks: int,
         owns_dht: bool,
-        health: ServerHealth | None = None,
+        health: ServerTrust | None = None,
         transport: Transport | None = None,
         refresh_interval_s: float = 10.0,
         ping_interval_s: float = 60.0,
@@ -63,7 +63,7 @@ class SwarmView:
         self.dht = dht
         self.model_id = model_id
         self.num_blocks = num_blocks
-        self.health = health or ServerHealth.shared()
+        self.health = health or ServerTrust.shared()
         self.transport = transport  # None: no pings (e.g. `shardnet status`)
         self.refresh_interval_s = refresh_interval_s
         self.ping_interval_s = ping_interval_s  # re-measure a server's RTT after this long

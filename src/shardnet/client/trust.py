@@ -1,7 +1,9 @@
-"""What this client process has observed of each server: failures and bans, round-trip time, own sessions,
-links between two servers that broke, and counts of what failover did.
+"""What this client process trusts of each server, in one place: failures and the bans they earn,
+servers suspected of computing wrong (banned for the rest of the process, with the evidence), round-trip
+time, own sessions, links between two servers that broke, and counts of what failover and verification
+did.
 
-One ``ServerHealth`` is shared by every ``ShardedModel`` of a process (``ServerHealth.shared()``), so a
+One ``ServerTrust`` is shared by every ``ShardedModel`` of a process (``ServerTrust.shared()``), so a
 server that failed for one model is avoided by the others, and sessions opened by several models (or
 threads) count towards the same servers' load. Keys are peer ids (base58).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -25,10 +27,21 @@ class _PeerHealth:
     open_sessions: int = 0  # sessions this process holds on the peer now
 
 
-class ServerHealth:
-    """Thread-safe failure bans with exponential backoff, measured RTTs and this process's open sessions."""
+@dataclass(frozen=True)
+class Suspicion:
+    """A server outvoted by other holders of the same blocks (``client/verification.py``)."""
 
-    _shared: ServerHealth | None = None
+    peer_id: str
+    blocks: tuple[int, int]  # half-open span whose output it got wrong
+    evidence: str  # what was compared, and by whom: logged, and kept for the user
+    at: float  # time.time() it was found
+
+
+class ServerTrust:
+    """Thread-safe failure bans with exponential backoff, suspicions, measured RTTs and this process's open
+    sessions."""
+
+    _shared: ServerTrust | None = None
     _shared_lock = threading.Lock()
 
     def __init__(
@@ -44,13 +57,15 @@ class ServerHealth:
         self.link_retry_s = link_retry_s  # a link that broke is not pushed over again before this long
         self._peers: dict[str, _PeerHealth] = {}
         self._broken_links: dict[tuple[str, str], float] = {}  # (from, to) -> time.monotonic() to retry at
+        self._suspicions: dict[str, Suspicion] = {}  # peer id -> the first evidence against it
         self._counts: Counter[str] = Counter()
+        self._check_errors: deque[float] = deque(maxlen=100_000)  # worst relative error of each check
         self._lock = threading.Lock()
         # Held while a route is chosen and its sessions counted, so concurrent choices see each other.
         self.routing_lock = threading.Lock()
 
     @classmethod
-    def shared(cls) -> ServerHealth:
+    def shared(cls) -> ServerTrust:
         with cls._shared_lock:
             if cls._shared is None:
                 cls._shared = cls()
@@ -87,9 +102,48 @@ class ServerHealth:
                 peer.banned_until = 0.0
 
     def banned(self) -> frozenset[str]:
+        """Servers not routed to now: those in a failure's backoff, and every suspected one."""
         now = time.monotonic()
         with self._lock:
-            return frozenset(pid for pid, peer in self._peers.items() if peer.banned_until > now)
+            timed = (pid for pid, peer in self._peers.items() if peer.banned_until > now)
+            return frozenset(timed).union(self._suspicions)
+
+    # ---- servers that computed wrong ----
+
+    def suspect(self, peer_id: str, blocks: tuple[int, int], evidence: str) -> None:
+        """Ban ``peer_id`` for the rest of this process: other holders of ``blocks`` outvoted its output.
+        The evidence is logged as a warning (a volunteer's server gave wrong results) and kept."""
+        with self._lock:
+            if peer_id in self._suspicions:
+                return
+            self._suspicions[peer_id] = Suspicion(peer_id, blocks, evidence, time.time())
+            self._counts["suspected"] += 1
+        logger.warning(
+            "server peer=%s computed blocks %d:%d wrong; not using it again in this process. %s",
+            peer_id,
+            *blocks,
+            evidence,
+        )
+
+    def checked(self, worst_error: float) -> None:
+        """A verification check compared a hop's outputs with a witness's: its worst relative error."""
+        with self._lock:
+            self._counts["checks"] += 1
+            self._check_errors.append(worst_error)
+
+    def check_errors(self) -> list[float]:
+        """The worst relative error of each check so far (the last 100,000): how far honest servers
+        differ, against the tolerance (benchmarks/verification.py)."""
+        with self._lock:
+            return list(self._check_errors)
+
+    def suspected(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._suspicions)
+
+    def suspicions(self) -> list[Suspicion]:
+        with self._lock:
+            return list(self._suspicions.values())
 
     def next_unban_s(self) -> float | None:
         """Seconds until the earliest current ban ends, or None if nobody is banned."""
@@ -157,6 +211,7 @@ class ServerHealth:
             self._counts[event] += times
 
     def counts(self) -> dict[str, int]:
-        """Events so far in this process: failovers, hedges, broken_pushes, handoffs, replays."""
+        """Events so far in this process: failovers, hedges, broken_pushes, handoffs, replays, and what
+        verification did: checks, disputes, suspected, recomputed."""
         with self._lock:
             return dict(self._counts)
