@@ -92,15 +92,18 @@ def test_every_output_is_exact_with_a_liar_when_every_step_is_checked(
     with ShardedModel.from_pretrained(
         llama_untied, liar_swarm.initial_peers, verify_fraction=1.0, blocked_servers=[second_liar]
     ) as model:
-        assert liar in {hop.peer_id for hop in model.route()}  # the cheapest route: its single hop
         with caplog.at_level(logging.WARNING, logger="shardnet.client.trust"):
-            for batch, seed in ((1, 0), (2, 1), (1, 2)):
-                ids, mask = prompt(batch, seed=seed)
+            # Each generation draws its route (often the liar's single hop) and witnesses anew: the liar,
+            # once used either way, is caught at its first step; every output is exact all along.
+            for generation in range(8):
+                ids, mask = prompt(1 + generation % 2, seed=generation)
                 got = model.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
                 want = local.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
-                assert torch.equal(got, want), f"batch {batch} seed {seed}"
+                assert torch.equal(got, want), f"generation {generation}"
+                if model.suspected_servers and generation >= 2:
+                    break
         assert model.suspected_servers == frozenset({liar})
-        assert model.health.counts()["recomputed"] == 1  # found once, then never routed to again
+        assert model.health.counts()["suspected"] == 1  # found once, then never routed to again
     evidence = [r.getMessage() for r in caplog.records if liar in r.getMessage()]
     assert evidence and "computed blocks 0:6 wrong" in evidence[0] and "third holder" in evidence[0]
 
@@ -113,7 +116,7 @@ def test_the_default_fraction_finds_the_liar_within_a_few_generations(
         llama_untied, liar_swarm.initial_peers, blocked_servers=[second_liar]
     ) as model:
         assert model.client_config.verify_fraction == 0.05
-        for generation in range(10):
+        for generation in range(16):
             ids, _ = prompt(1, seed=10 + generation)
             model.generate(ids, max_new_tokens=24, **GREEDY)
             if model.suspected_servers:
@@ -187,7 +190,8 @@ def test_beam_search_stays_exact_with_witnesses_following_its_reorders(
 def test_two_holders_that_disagree_condemn_nobody(
     liar_swarm, liar, second_liar, status, llama_untied, fresh_trust, caplog
 ):
-    """The liar and one honest chain only: no third holder can decide, so nobody is suspected."""
+    """The liar and one honest chain only (either may be the route, the other its witness): no third
+    holder can decide, so nobody is suspected."""
     one_chain = {}
     for server in status["servers"]:  # the first honest holder of each span is blocked
         if server["peer_id"] not in (liar, second_liar):
@@ -198,7 +202,6 @@ def test_two_holders_that_disagree_condemn_nobody(
         verify_fraction=1.0,
         blocked_servers=[*one_chain.values(), second_liar],
     ) as model:
-        assert [hop.peer_id for hop in model.route()] == [liar]
         with caplog.at_level(logging.WARNING, logger="shardnet.client.verification"):
             ids, _ = prompt(1, seed=3)
             model.generate(ids, max_new_tokens=2, **GREEDY)

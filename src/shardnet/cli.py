@@ -95,6 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         state_dir=args.state_dir,
+        headroom_file=args.headroom_file,
+        headroom_on=args.headroom_on,
+        headroom_off=args.headroom_off,
+        headroom_window_s=args.headroom_window,
     )
     from shardnet.server.app import run_server  # after the flags are checked: a bad one fails at once
 

@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from shardnet.cli_policies import add_policy_flags
 from shardnet.errors import ShardnetError
 from shardnet.version import versions_report
 
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run concurrent sessions' decode steps one after another instead of as one forward pass "
         "(for comparison; batching gives the same outputs)",
     )
+    add_policy_flags(serve)
 
     status = sub.add_parser("status", help="show which servers hold which blocks, their state and load")
     status.add_argument(

@@ -84,6 +84,10 @@ class ServerUnavailableError(ShardnetError):
     retryable = True
 
 
+class ServerRestingError(ServerUnavailableError):
+    """The server is resting (its owner's headroom policy): alive, holding no blocks, back later."""
+
+
 class ServerIdentityError(ServerUnavailableError):
     """A TLS server's certificate is not the one its DHT record announced: it is not used."""
 

@@ -17,7 +17,8 @@ from shardnet.errors import ShardnetError
 from shardnet.wire import pb
 
 if TYPE_CHECKING:
-    from shardnet.client.session import InferenceSession, SessionHop
+    from shardnet.client.session import InferenceSession
+    from shardnet.client.session_hops import SessionHop
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from shardnet.client.hop_stream import HopTiming, NotPushedError, SessionMovedEr
 from shardnet.errors import SessionExpiredError, ShardnetError, StepTimeoutError
 
 if TYPE_CHECKING:
-    from shardnet.client.session import InferenceSession, SessionHop
+    from shardnet.client.session import InferenceSession
+    from shardnet.client.session_hops import SessionHop
 
 logger = logging.getLogger(__name__)
 

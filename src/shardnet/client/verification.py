@@ -42,7 +42,8 @@ from shardnet.client.planner import SessionNeeds
 from shardnet.errors import ShardnetError
 
 if TYPE_CHECKING:
-    from shardnet.client.session import InferenceSession, SessionHop
+    from shardnet.client.session import InferenceSession
+    from shardnet.client.session_hops import SessionHop
 
 logger = logging.getLogger(__name__)
 

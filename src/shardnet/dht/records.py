@@ -23,6 +23,7 @@ class ServerState(str, enum.Enum):
     JOINING = "joining"  # loading weights; not routable yet
     ONLINE = "online"  # serving
     DRAINING = "draining"  # finishing open sessions, refusing new ones
+    RESTING = "resting"  # alive but holding no blocks (its owner's headroom policy); not routable
     OFFLINE = "offline"  # gone (clean exit)
 
 
@@ -32,7 +33,9 @@ class ServerRecord(pydantic.BaseModel):
     Fields with a default were added after the first release: a record from an older server still parses.
     """
 
-    state: pydantic.constr(strict=True, regex="^(joining|online|draining|offline)$")
+    # "resting" came with issue 21: a node of an older version refuses to store such a record, so its
+    # last ONLINE record there expires instead (clients meanwhile get UNAVAILABLE from the server).
+    state: pydantic.constr(strict=True, regex="^(joining|online|draining|resting|offline)$")
     peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)  # hivemind peer id, base58
     host: pydantic.constr(strict=True, min_length=1, max_length=255)  # gRPC host clients dial
     port: pydantic.conint(strict=True, ge=1, le=65535)  # gRPC port

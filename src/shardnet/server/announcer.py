@@ -75,6 +75,14 @@ class Announcer:
         except Exception as exc:  # a DHT hiccup must not take the server down; the next refresh retries
             logger.warning("DHT announce failed (will retry): %s", exc)
 
+    async def announce_record(self, record: ServerRecord) -> None:
+        """Store a record other than the current one, under its own span's blocks: a move's destination
+        claimed in advance, or the OFFLINE that clears a span left behind."""
+        try:
+            await asyncio.to_thread(announce, self.dht, self.model_id, record, self.ttl_s)
+        except Exception as exc:  # as announce_now: the records expire on their own
+            logger.warning("DHT announce of blocks %d:%d failed: %s", record.start, record.end, exc)
+
     def load_changed(self) -> None:
         """Thread-safe (gRPC handler threads call it when a session opens or closes): wake the refresher,
         which re-announces if the load moved enough since the last announcement."""

@@ -1,12 +1,12 @@
 """Composition root of a server: resolve its device and dtype and check that the span fits, start the
-DHT, place the span (--num-blocks), start gRPC, announce, load the span, drain on a signal."""
+DHT, place the span (--num-blocks), start gRPC, announce, go online, drain on a signal. What happens in
+between (rest and resume on the headroom policy, moves to weaker blocks) is ``server/lifecycle.py``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -14,7 +14,6 @@ import grpc
 import torch
 
 from shardnet.devices import (
-    HOST,
     describe_device,
     dtype_name,
     free_memory_bytes,
@@ -22,7 +21,7 @@ from shardnet.devices import (
     resolve_device,
     resolve_dtype,
 )
-from shardnet.dht import ServerRecord, ServerState, ServerView, announce, lookup, start_dht, visible_maddrs
+from shardnet.dht import ServerRecord, ServerState, ServerView, lookup, start_dht, visible_maddrs
 from shardnet.errors import ConfigError
 from shardnet.models import (
     Checkpoint,
@@ -33,24 +32,23 @@ from shardnet.models import (
     validate_model_id,
 )
 from shardnet.models.footprint import block_weight_bytes, kv_bytes_per_token
-from shardnet.models.quantization import check_quant_supported, quantize_span
+from shardnet.models.quantization import check_quant_supported
 from shardnet.server.announcer import Announcer, LoadTrigger
-from shardnet.server.backend import SpanBackend, SpanLimits
 from shardnet.server.block_choice import Peers
 from shardnet.server.compute_queue import ComputeQueue
 from shardnet.server.compute_threads import ComputeThreads
 from shardnet.server.config import ServerConfig
 from shardnet.server.fit import GIB, SpanFootprint, check_fit
 from shardnet.server.handoff import HandOff
-from shardnet.server.placement import FirstLook, Placement
-from shardnet.server.prefix_reuse import PrefixStore
+from shardnet.server.lifecycle import Lifecycle
+from shardnet.server.loading import SpanLoader
+from shardnet.server.placement import Placement
 from shardnet.server.push import PushSender
 from shardnet.server.reaper import IdleReaper
 from shardnet.server.request_rate import RequestRate
 from shardnet.server.servicer import ServerRuntime, ShardServicer, add_to_server
 from shardnet.server.sessions import SessionTable
 from shardnet.server.tls import default_state_dir, server_certificate
-from shardnet.server.weight_identity import span_digests
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION
 from shardnet.wire.call_auth import CallSigner, CallVerifier, VerifyingInterceptor
@@ -111,14 +109,12 @@ class Server:
         self.max_length = min(config.max_length, max_position)
         self.max_position = max_position
         self._check_fit()
-        self.span: tuple[int, int] | None = config.blocks  # chosen in run() for --num-blocks
         self.tls: tuple[bytes, bytes] | None = None  # (certificate, key) PEM with TLS on
         if config.uses_tls:  # a missing or unsafe key file fails here, before anything loads
             self.tls = server_certificate(
                 config.tls_cert, config.tls_key, config.state_dir or default_state_dir()
             )
         self.tls_fingerprint = fingerprint(self.tls[0]) if self.tls else ""
-        self.weight_digests: list[str] = []  # one per block, once the span is loaded
         self.runtime = ServerRuntime(
             SessionTable(
                 config.max_cache_tokens,
@@ -169,6 +165,11 @@ class Server:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def span(self) -> tuple[int, int]:
+        """The span served (or being loaded); known once run() has placed it."""
+        return self.lifecycle.span
+
     def _record(self) -> ServerRecord:
         return ServerRecord(
             state=self.runtime.state.value,
@@ -192,7 +193,7 @@ class Server:
             tls_fingerprint=self.tls_fingerprint,
             prefix_hits=self.runtime.backend.prefix.hits if self.runtime.backend else 0,
             prefix_tokens_reused=self.runtime.backend.prefix.tokens_reused if self.runtime.backend else 0,
-            weight_digests=self.weight_digests,
+            weight_digests=self.lifecycle.weight_digests,
         )
 
     def _holders(self) -> list[ServerView]:
@@ -204,32 +205,6 @@ class Server:
         one pushes to, each over TLS pinned to its certificate if it announced one."""
         found = lookup(self.dht, self.model_id, self.num_blocks)
         return {view.address: view.record.tls_fingerprint for views in found for view in views}
-
-    def _load_backend(self) -> SpanBackend:
-        start, end = self.span
-        span = self.adapter.load_span(self.checkpoint, self.model_config, start, end, self.dtype, self.device)
-        # Right after loading, layer by layer: the peak is the span in --dtype, never the whole model.
-        quantize_span(span, self.config.quant, self.device)
-        self.weight_digests = span_digests(span.blocks)  # announced: status tells weights that differ
-        limits = SpanLimits(
-            model_id=self.model_id,
-            start=start,
-            end=end,
-            hidden_size=int(self.model_config.hidden_size),
-            max_batch_size=self.config.max_batch_size,
-            max_length=self.max_length,
-            max_position=self.max_position,
-        )
-        return SpanBackend(
-            span,
-            self.dtype,
-            limits,
-            self.config.max_chunk_tokens,
-            self.device,
-            batching=self.config.batching,
-            compute=self.compute,
-            prefix=PrefixStore(self.config.prefix_tokens, shared=self.config.share_prefix_cache),
-        )
 
     def _start_grpc(self) -> grpc.Server:
         cfg = self.config
@@ -283,10 +258,11 @@ class Server:
         await asyncio.to_thread(self.compute.run, partial(make_current, self.device))
         placement = first = None
         try:
-            if self.span is None:
+            span = cfg.blocks
+            if span is None:
                 placement = self._placement()
                 first = await asyncio.to_thread(placement.first_look)
-                self.span = first.span
+                span = first.span
             signer = CallSigner(cfg.swarm_key) if cfg.swarm_key else None
             self.runtime.push = PushSender(
                 self._announced_addresses, grpc_options(cfg.max_message_bytes), signer=signer
@@ -305,25 +281,27 @@ class Server:
             raise
         trigger = LoadTrigger.for_limits(cfg.max_cache_tokens, cfg.max_sessions)
         announcer = Announcer(self.dht, self.model_id, self._record, cfg.announce_ttl_s, trigger)
+        loader = SpanLoader(
+            cfg,
+            self.adapter,
+            self.checkpoint,
+            self.model_config,
+            self.model_id,
+            self.dtype,
+            self.device,
+            self.max_length,
+            self.max_position,
+            self.compute,
+        )
+        peer_id = self.dht.peer_id.to_base58()
+        self.lifecycle = Lifecycle(cfg, self.runtime, announcer, loader, span, placement, peer_id, self._stop)
         self.runtime.sessions.on_change = announcer.load_changed
         reaper = IdleReaper(self.runtime.sessions, cfg.session_idle_timeout_s)
         try:
             await announcer.announce_now()  # JOINING, at once: a server choosing its blocks now sees ours
             if placement is not None:
-                await self._settle(placement, first, announcer)
-            began = time.perf_counter()
-            # On the compute thread, as every forward pass will be (see server/compute_queue.py).
-            self.runtime.backend = await asyncio.to_thread(self.compute.run, self._load_backend)
-            backend = self.runtime.backend
-            if self.device == HOST:  # all cores for a lone step only where they make it faster
-                most = await asyncio.to_thread(
-                    self.compute.run, partial(self.compute.threads.choose_most, backend.decode_step_runner)
-                )
-                self.compute.inline_when_idle = most == 1  # no OpenMP team: a lone step needs no hand-off
-                logger.info("compute threads: %d for a lone step, 1 while loaded", most)
-            throughput = await asyncio.to_thread(self.compute.run, backend.probe_throughput)
-            self.runtime.state = ServerState.ONLINE
-            await announcer.announce_now()
+                await self.lifecycle.settle(first)
+            load_s, throughput = await self.lifecycle.go_online()
             announcer.start()
             reaper.start()
             maddrs = visible_maddrs(self.dht)
@@ -342,11 +320,14 @@ class Server:
                 f"sha256:{self.tls_fingerprint}" if self.tls_fingerprint else "off",
                 "private" if cfg.swarm_key else "public",
                 maddrs[0] if maddrs else "?",
-                time.perf_counter() - began,
+                load_s,
                 throughput,
             )
+            self.lifecycle.start_watchers()
             await self._stop.wait()
-            await self._drain(announcer)
+            await self.lifecycle.stop_watchers()
+            if self.runtime.state in (ServerState.ONLINE, ServerState.DRAINING):
+                await self.lifecycle.drain()
         finally:
             await reaper.stop()
             await announcer.stop()
@@ -361,36 +342,6 @@ class Server:
         # Exact servers only until --quant lands; then this server's own quantization.
         peers = Peers(dtype=dtype_name(self.dtype), quant=self.config.quant, protocol=PROTOCOL_VERSION)
         return Placement(self.dht, self.model_id, self.num_blocks, self.config.num_blocks, peers)
-
-    async def _settle(self, placement: Placement, first: FirstLook, announcer: Announcer) -> None:
-        """--num-blocks: look again once announced; move (before loading anything) if a server that chose
-        at the same moment took our span."""
-        try:
-            await asyncio.wait_for(self._stop.wait(), placement.settle_delay_s(first))
-            return  # stopping: no need to move
-        except asyncio.TimeoutError:
-            pass
-        span = await asyncio.to_thread(placement.settle, first, self.dht.peer_id.to_base58())
-        if span == self.span:
-            return
-        gone = self._record().copy(update={"state": ServerState.OFFLINE.value})
-        await asyncio.to_thread(announce, self.dht, self.model_id, gone, self.config.announce_ttl_s)
-        self.span = span
-        await announcer.announce_now()  # JOINING, on the new span
-
-    async def _drain(self, announcer: Announcer) -> None:
-        """Refuse new work, tell the DHT, and give open sessions up to drain_timeout_s to finish."""
-        self.runtime.state = ServerState.DRAINING
-        await announcer.announce_now()
-        deadline = time.monotonic() + self.config.drain_timeout_s
-        if len(self.runtime.sessions):
-            logger.info(
-                "draining: %d open sessions, up to %.0fs",
-                len(self.runtime.sessions),
-                self.config.drain_timeout_s,
-            )
-        while len(self.runtime.sessions) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
 
 
 def run_server(config: ServerConfig) -> None:

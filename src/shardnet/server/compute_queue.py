@@ -131,6 +131,9 @@ class ComputeQueue:
                 self._busy = False
             for job in batch:
                 job.done.release()
+            # Hold nothing of a finished batch while waiting for the next: a span given back (a rest, a
+            # move) must be collectable, not kept alive by the last job that touched it.
+            batch = results = job = None
 
     def _take_batch(self) -> list[_Job]:
         """The oldest job, and the waiting jobs of its key, oldest first, while their rows fit."""

@@ -10,6 +10,9 @@ from shardnet.device_names import DTYPE_NAMES, parse_device
 from shardnet.errors import ConfigError
 from shardnet.swarm_key import SwarmKey
 
+HEADROOM_ON = 0.5  # --headroom-on default
+HEADROOM_OFF = 0.2  # --headroom-off default
+HEADROOM_WINDOW_S = 60.0  # --headroom-window default
 PREFIX_SHARE = 8  # by default, kept prompt prefixes hold an eighth of --max-cache-tokens
 
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # --dtype: auto = by device (see shardnet/devices.py)
@@ -75,6 +78,14 @@ class ServerConfig:
     keepalive_time_s: float = 60.0  # seconds between the server's pings of a connection
     keepalive_timeout_s: float = 20.0  # seconds a ping's answer may take before the connection is dropped
     min_client_ping_interval_s: float = 10.0  # clients may ping this often; more often gets a GOAWAY
+    # Headroom policy (server/headroom.py): rest below headroom_off, serve again above headroom_on.
+    headroom_file: Path | None = None  # a number in [0, 1] the owner's adapter rewrites; None = policy off
+    headroom_on: float | None = None  # resume when the rolling mean rises above this; None = HEADROOM_ON
+    headroom_off: float | None = None  # rest when it falls below this; None = HEADROOM_OFF
+    headroom_window_s: float | None = None  # rolling mean over this many seconds; None = HEADROOM_WINDOW_S
+    rebalance_period_s: float = (
+        60.0  # a --num-blocks server checks about this often whether to move; 0 = never
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -136,6 +147,35 @@ class ServerConfig:
             raise ConfigError(
                 "keepalive_time_s, keepalive_timeout_s and min_client_ping_interval_s must be positive"
             )
+
+        self._check_policies()
+
+    def _check_policies(self) -> None:
+        knobs = {"--headroom-on": self.headroom_on, "--headroom-off": self.headroom_off}
+        knobs["--headroom-window"] = self.headroom_window_s
+        given = [flag for flag, value in knobs.items() if value is not None]
+        if given and self.headroom_file is None:
+            raise ConfigError(f"{' and '.join(given)} need --headroom-file, the file they apply to")
+        for flag in ("--headroom-on", "--headroom-off"):
+            value = knobs[flag]
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{flag} {value:g} is not in [0, 1] (the headroom file's range)")
+        on, off, window_s = self.headroom
+        if not on > off:
+            raise ConfigError(
+                f"--headroom-on ({on:g}) must be greater than --headroom-off ({off:g}): between the two "
+                "nothing changes, so the server does not flap"
+            )
+        if not window_s > 0:
+            raise ConfigError(f"--headroom-window {window_s:g} must be positive (seconds)")
+
+    @property
+    def headroom(self) -> tuple[float, float, float]:
+        """(on, off, window_s) of the headroom policy, defaults filled in."""
+        on = HEADROOM_ON if self.headroom_on is None else self.headroom_on
+        off = HEADROOM_OFF if self.headroom_off is None else self.headroom_off
+        window_s = HEADROOM_WINDOW_S if self.headroom_window_s is None else self.headroom_window_s
+        return on, off, window_s
 
     @property
     def uses_tls(self) -> bool:

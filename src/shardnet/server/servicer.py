@@ -18,7 +18,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from shardnet.dht import ServerState
-from shardnet.errors import InvalidRequestError, ServerUnavailableError, SessionError, ShardnetError
+from shardnet.errors import (
+    InvalidRequestError,
+    ServerRestingError,
+    ServerUnavailableError,
+    SessionError,
+    ShardnetError,
+)
 from shardnet.server.backend import SpanBackend
 from shardnet.server.handoff import HandOff, adopt
 from shardnet.server.push import PushSender
@@ -53,6 +59,10 @@ class ServerRuntime:
             self.rate.admit(context.peer(), what)
 
     def ready_backend(self) -> SpanBackend:
+        if self.state == ServerState.RESTING:
+            raise ServerRestingError(
+                "server is resting (its owner's headroom policy) and holds no blocks now"
+            )
         if self.backend is None or self.state == ServerState.JOINING:
             raise ServerUnavailableError("server is still loading its blocks")
         if self.state != ServerState.ONLINE:

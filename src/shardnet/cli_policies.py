@@ -1,0 +1,62 @@
+"""``shardnet serve``'s policy flags: when a server rests (the headroom policy). Values are checked here one by one; how they fit together (on above off, the file the
+others need) is checked by ``ServerConfig``, which says which flag is wrong."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _number(holds, wanted: str):
+    """An argparse type: a float for which ``holds(value)``, else an error saying it must be ``wanted``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not holds(value):  # NaN never holds
+            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
+        return value
+
+    return parse
+
+
+_level = _number(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_positive = _number(lambda v: v > 0, "a positive number of seconds")
+
+
+def add_policy_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--headroom-file",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="rest when the owner needs the machine: FILE holds a number in [0, 1] that your own script "
+        "keeps rewriting (power headroom, battery level, ...; the README has a battery example). Below "
+        "--headroom-off (mean over --headroom-window) the server drains, frees its weights and caches and "
+        "announces 'resting' (clients go elsewhere); above --headroom-on it loads again and serves. An "
+        "unreadable file or a bad value is logged once and the last good value kept",
+    )
+    serve.add_argument(
+        "--headroom-on",
+        type=_level,
+        default=None,
+        metavar="X",
+        help="serve again when the mean headroom rises above X (default 0.5; needs --headroom-file)",
+    )
+    serve.add_argument(
+        "--headroom-off",
+        type=_level,
+        default=None,
+        metavar="Y",
+        help="rest when the mean headroom falls below Y, less than --headroom-on; in between nothing "
+        "changes (default 0.2; needs --headroom-file)",
+    )
+    serve.add_argument(
+        "--headroom-window",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="average the headroom over this many seconds (default 60; needs --headroom-file)",
+    )
