@@ -145,6 +145,24 @@ def test_a_liar_on_a_later_hop_of_a_pushed_route_is_caught_and_every_output_exac
         assert model.suspected_servers == frozenset({second_liar})
 
 
+def test_stateless_forwards_are_checked_too(liar_swarm, liar, second_liar, llama_untied, fresh_trust):
+    """``model(ids)`` without a cache (what lm-eval's loglikelihood runs): logits exact with F = 1.0."""
+    local = reference(llama_untied)
+    with ShardedModel.from_pretrained(
+        llama_untied, liar_swarm.initial_peers, verify_fraction=1.0, blocked_servers=[second_liar]
+    ) as model:
+        for call in range(8):
+            ids, mask = prompt(2, seed=60 + call)
+            with torch.no_grad():
+                got = model(ids, attention_mask=mask).logits
+                want = local(ids, attention_mask=mask).logits
+            rows = mask.bool()  # padding positions' logits are not compared (nor used)
+            assert torch.allclose(got[rows], want[rows], atol=1e-4), call
+            if model.suspected_servers and call >= 2:
+                break
+        assert model.suspected_servers == frozenset({liar})
+
+
 def test_honest_servers_batched_are_never_flagged_in_thirty_generations(
     liar_swarm, liar, second_liar, llama_untied, fresh_trust
 ):

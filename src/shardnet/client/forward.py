@@ -2,12 +2,15 @@
 
 Nothing is kept on the servers, so a failed or late hop is simply run again elsewhere: the blocks from
 the failed hop to the end are routed again and the hidden states that entered it are sent there. What is
-retried, charged and banned, and how long a hop may take, is ``client/failover.py``'s to decide.
+retried, charged and banned, and how long a hop may take, is ``client/failover.py``'s to decide. With
+``verify_fraction``, a sampled fraction of the hops are run again by other holders of their blocks
+(``client/verification.py``: ``check_forward``).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 
 import grpc
 import torch
@@ -19,6 +22,7 @@ from shardnet.client.planner import RoutePlanner
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.transport import Transport
 from shardnet.client.trust import ServerTrust
+from shardnet.client.verification import check_forward, tolerance
 from shardnet.errors import ShardnetError
 from shardnet.wire import pb
 from shardnet.wire.status import error_from_rpc
@@ -64,6 +68,14 @@ def forward_through_swarm(
     """Run full sequences [batch, seq, hidden] through every block; returns the output and the hops used."""
     extra = optional_tensors(mask, positions, transport.max_message_bytes)
     failover = Failover(config, health, "forward")
+    tol = tolerance(config.dtype)
+
+    def run(hops: list[RouteHop], given: torch.Tensor) -> torch.Tensor:  # a witness's route, no failover
+        for witness_hop in hops:
+            budget = failover.budget_s(witness_hop, given.shape[0] * given.shape[1])
+            given = _forward_hop(transport, witness_hop, model_id, given, extra, budget)
+        return given
+
     route = planner.route(0, num_blocks)
     used: list[RouteHop] = []
     index = 0
@@ -71,7 +83,10 @@ def forward_through_swarm(
         hop = route[index]
         budget = failover.budget_s(hop, hidden.shape[0] * hidden.shape[1])
         try:
-            hidden = _forward_hop(transport, hop, model_id, hidden, extra, budget)
+            given = hidden
+            hidden = _forward_hop(transport, hop, model_id, given, extra, budget)
+            if config.verify_fraction and random.random() < config.verify_fraction:
+                hidden = check_forward(hop, given, hidden, mask, planner, run, tol)
         except ShardnetError as error:
             failover.failed(hop, error, opening=True)  # nothing is kept there: every hop starts afresh
             route = planner.route(hop.start, num_blocks, exclude=failover.excluded)

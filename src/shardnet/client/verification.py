@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from shardnet.client.history import GrowingBuffer
-from shardnet.client.planner import SessionNeeds
+from shardnet.client.planner import RoutePlanner, SessionNeeds
+from shardnet.client.routing import RouteHop
+from shardnet.client.trust import ServerTrust
 from shardnet.errors import ShardnetError
 
 if TYPE_CHECKING:
@@ -72,6 +75,98 @@ def relative_error(claimed: torch.Tensor, reference: torch.Tensor, mask: torch.T
     return error
 
 
+@dataclass(frozen=True)
+class Votes:
+    """Three holders' outputs for the same inputs: the checked hop's, its witness's, and a third's."""
+
+    hop: RouteHop
+    witness_peers: frozenset[str]
+    third_peers: frozenset[str]
+    claimed: torch.Tensor  # [batch, positions, hidden] the hop's
+    reference: torch.Tensor  # the witness's
+    decider: torch.Tensor  # the third holder's
+
+
+def vote(health: ServerTrust, votes: Votes, mask: torch.Tensor | None, tol: float, where: str) -> str | None:
+    """Two of three agreeing outvote the third, who is suspected (the evidence logged); returns "hop" or
+    "witness", whichever was outvoted, or None when no two agree or the witness that lost is several
+    servers (which of them computed wrong is not known)."""
+    hop_error = float(relative_error(votes.claimed, votes.decider, mask).max())
+    witness_error = float(relative_error(votes.reference, votes.decider, mask).max())
+    span = (votes.hop.start, votes.hop.end)
+    evidence = (
+        f"In {where}, relative errors against the third holder {_names(votes.third_peers)}: "
+        f"..{votes.hop.peer_id[-6:]} {hop_error:.3g}, witness {_names(votes.witness_peers)} "
+        f"{witness_error:.3g} (tolerance {tol:g}, {str(votes.claimed.dtype).removeprefix('torch.')})."
+    )
+    if witness_error <= tol < hop_error:
+        health.suspect(votes.hop.peer_id, span, evidence)
+        return "hop"
+    if hop_error <= tol < witness_error and len(votes.witness_peers) == 1:
+        (witness,) = votes.witness_peers
+        health.suspect(witness, span, evidence)
+        return "witness"
+    logger.warning("no two of three holders of %d:%d agree; nobody is suspected. %s", *span, evidence)
+    return None
+
+
+def check_forward(
+    hop: RouteHop,
+    given: torch.Tensor,
+    claimed: torch.Tensor,
+    mask: torch.Tensor | None,
+    planner: RoutePlanner,
+    run: Callable[[list[RouteHop], torch.Tensor], torch.Tensor],
+    tol: float,
+) -> torch.Tensor:
+    """A stateless forward's hop checked: other holders run ``given`` [batch, seq, hidden] through its
+    blocks (``run``: a route and its input -> output); returns the output to go on with, which is the
+    witness's when the hop was outvoted (and suspected)."""
+    health, span, exclude = planner.health, (hop.start, hop.end), {hop.peer_id}
+    witness = planner.try_route(*span, SessionNeeds(), frozenset(exclude))
+    if witness is None:
+        return claimed
+    try:
+        reference = run(witness, given)
+    except ShardnetError as error:
+        logger.info("forward: the witness of %s failed (%s); not checked", hop, error)
+        return claimed
+    error = float(relative_error(claimed, reference, mask).max())
+    health.checked(error)
+    if error <= tol:
+        return claimed
+    health.count("disputes")
+    witness_peers = frozenset(h.peer_id for h in witness)
+    third = planner.try_route(*span, SessionNeeds(), frozenset(exclude | witness_peers))
+    if third is None:
+        logger.warning(
+            "forward: %s and its witness %s disagree (relative error %.3g, tolerance %.3g) and no third "
+            "holder can decide; nobody is suspected",
+            hop,
+            _names(witness_peers),
+            error,
+            tol,
+        )
+        return claimed
+    try:
+        decider = run(third, given)
+    except ShardnetError as failed:
+        logger.warning("forward: the third holder failed (%s); nobody is suspected", failed)
+        return claimed
+    third_peers = frozenset(h.peer_id for h in third)
+    outvoted = vote(
+        health,
+        Votes(hop, witness_peers, third_peers, claimed, reference, decider),
+        mask,
+        tol,
+        "a stateless forward",
+    )
+    if outvoted == "hop":
+        health.count("recomputed")
+        return reference
+    return claimed
+
+
 @dataclass(eq=False)
 class _Witness:
     session: InferenceSession  # the hop's blocks, on servers other than the hop's
@@ -79,11 +174,6 @@ class _Witness:
     @property
     def peers(self) -> frozenset[str]:
         return frozenset(hop.peer_id for hop in self.session.route)
-
-    @property
-    def single_server(self) -> str | None:
-        route = self.session.route
-        return route[0].peer_id if len(route) == 1 else None
 
 
 class Verifier:
@@ -190,31 +280,15 @@ class Verifier:
             return None
         finally:
             third.session.close()
-        mask = session.mask_history(begin, end)
-        hop_error = float(relative_error(claimed, decider, mask).max())
-        witness_error = float(relative_error(reference, decider, mask).max())
-        evidence = (
-            f"Session {session.short_id}, positions {begin}:{end}: relative errors against the third "
-            f"holder {_names(third_peers)}: ..{hop.hop.peer_id[-6:]} {hop_error:.3g}, witness "
-            f"{_names(witness.peers)} {witness_error:.3g} (tolerance {self.tolerance:g}, "
-            f"{str(session.config.dtype).removeprefix('torch.')})"
+        outvoted = vote(
+            health,
+            Votes(hop.hop, witness.peers, third_peers, claimed, reference, decider),
+            session.mask_history(begin, end),
+            self.tolerance,
+            f"session {session.short_id}, positions {begin}:{end}",
         )
-        if witness_error <= self.tolerance < hop_error:
-            health.suspect(hop.hop.peer_id, (hop.hop.start, hop.hop.end), evidence)
-            self._close(hop)
-            return self._repair(hop)
         self._close(hop)
-        if hop_error <= self.tolerance < witness_error and witness.single_server is not None:
-            health.suspect(witness.single_server, (hop.hop.start, hop.hop.end), evidence)
-        else:
-            logger.warning(
-                "session=%s: no two of three holders of %d:%d agree; nobody is suspected. %s",
-                session.short_id,
-                hop.hop.start,
-                hop.hop.end,
-                evidence,
-            )
-        return None
+        return self._repair(hop) if outvoted == "hop" else None
 
     def _repair(self, liar: SessionHop) -> SessionHop:
         """Recompute the liar's blocks elsewhere and every later hop from the corrected outputs."""
