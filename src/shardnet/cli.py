@@ -99,6 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         headroom_on=args.headroom_on,
         headroom_off=args.headroom_off,
         headroom_window_s=args.headroom_window,
+        rebalance_period_s=args.rebalance_period,
     )
     from shardnet.server.app import run_server  # after the flags are checked: a bad one fails at once
 

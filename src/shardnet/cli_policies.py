@@ -1,4 +1,5 @@
-"""``shardnet serve``'s policy flags: when a server rests (the headroom policy). Values are checked here one by one; how they fit together (on above off, the file the
+"""``shardnet serve``'s policy flags: when a server rests (the headroom policy) and when it moves
+(rebalancing). Values are checked here one by one; how they fit together (on above off, the file the
 others need) is checked by ``ServerConfig``, which says which flag is wrong."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def _number(holds, wanted: str):
 
 _level = _number(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _positive = _number(lambda v: v > 0, "a positive number of seconds")
+_period = _number(lambda v: v >= 0, "0 (never) or a positive number of seconds")
 
 
 def add_policy_flags(serve: argparse.ArgumentParser) -> None:
@@ -59,4 +61,14 @@ def add_policy_flags(serve: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="average the headroom over this many seconds (default 60; needs --headroom-file)",
+    )
+    serve.add_argument(
+        "--rebalance-period",
+        type=_period,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --num-blocks: about this often (+-20%%) check whether moving would lift the swarm's "
+        "weakest blocks by enough (its slowest block 4/3 as fast or more); if so, and still so after a "
+        "random wait, drain, hand sessions over and serve the new blocks (default 60; 0 = never move; "
+        "--blocks servers never move)",
     )

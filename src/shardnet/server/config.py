@@ -168,6 +168,8 @@ class ServerConfig:
             )
         if not window_s > 0:
             raise ConfigError(f"--headroom-window {window_s:g} must be positive (seconds)")
+        if not self.rebalance_period_s >= 0:
+            raise ConfigError("--rebalance-period must be 0 (never move) or a positive number of seconds")
 
     @property
     def headroom(self) -> tuple[float, float, float]:
@@ -176,6 +178,11 @@ class ServerConfig:
         off = HEADROOM_OFF if self.headroom_off is None else self.headroom_off
         window_s = HEADROOM_WINDOW_S if self.headroom_window_s is None else self.headroom_window_s
         return on, off, window_s
+
+    @property
+    def rebalances(self) -> bool:
+        """A --num-blocks server with a period moves to the swarm's weakest blocks; --blocks never moves."""
+        return self.num_blocks is not None and self.rebalance_period_s > 0
 
     @property
     def uses_tls(self) -> bool:

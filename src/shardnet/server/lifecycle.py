@@ -1,4 +1,4 @@
-"""A running server's transitions, and the policy that calls them.
+"""A running server's transitions, and the two policies that call them.
 
 Transitions, one at a time (a lock):
 - ``go_online``: load the span (``server/loading.py``), probe it, announce ONLINE;
@@ -9,8 +9,13 @@ Transitions, one at a time (a lock):
   and gRPC answer, calls get UNAVAILABLE;
 - ``resume`` (headroom above ``--headroom-on``): choose again with ``--num-blocks`` (else the same span),
   announce JOINING, load, announce ONLINE;
+- ``move`` (rebalancing, ``server/rebalance.py``): claim the new span at once (a JOINING record there, with
+  our speed, so a server deciding at the same moment sees the hole taken), drain and free as a rest
+  does, clear the old span (OFFLINE there), load the new one, announce ONLINE.
 
-The policy: ``watch_headroom`` polls the headroom file (``server/headroom.py``).
+The policies: ``watch_headroom`` polls the headroom file (``server/headroom.py``); ``watch_balance``
+checks every jittered ``--rebalance-period`` whether moving lifts the weakest block by enough, waits a
+random delay, and moves only if a fresh look-up still says so. A resting server does not rebalance.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import asyncio
 import logging
 import time
 
-from shardnet.dht import ServerState
+from shardnet.dht import ServerState, lookup
+from shardnet.errors import ShardnetError
 from shardnet.server.announcer import Announcer
 from shardnet.server.config import ServerConfig
 from shardnet.server.headroom import Decision, HeadroomFile, HeadroomPolicy, poll_interval_s
 from shardnet.server.loading import Held, SpanLoader
 from shardnet.server.placement import FirstLook, Placement
+from shardnet.server.rebalance import Move, better_span, next_check_s, recheck_delay_s
 from shardnet.server.servicer import ServerRuntime
 
 logger = logging.getLogger(__name__)
@@ -124,6 +131,35 @@ class Lifecycle:
                 throughput,
             )
 
+    async def move(self, target: tuple[int, int]) -> None:
+        async with self._lock:
+            if self.runtime.state != ServerState.ONLINE or target == self.span:
+                return
+            old = self.span
+            logger.info("moving from blocks %d:%d to %d:%d", *old, *target)
+            claim = self.announcer.make_record().copy(
+                update={
+                    "state": ServerState.JOINING.value,
+                    "start": target[0],
+                    "end": target[1],
+                    "weight_digests": [],
+                    "open_sessions": 0,
+                }
+            )
+            await self.announcer.announce_record(claim)  # others deciding now see the hole taken
+            await self._leave()
+            await self._switch_span(target)
+            self.runtime.state = ServerState.JOINING
+            await self.announcer.announce_now()
+            load_s, throughput = await self.go_online()
+            logger.info(
+                "moved from blocks %d:%d to %d:%d: load=%.1fs throughput=%.1f steps/s",
+                *old,
+                *target,
+                load_s,
+                throughput,
+            )
+
     async def _leave(self) -> None:
         """Drain, end the sessions still open, and free the span."""
         await self.drain()
@@ -178,6 +214,8 @@ class Lifecycle:
             policy = HeadroomPolicy(on, off, window_s)
             source = HeadroomFile(cfg.headroom_file)
             self._watchers.append(loop.create_task(self._guarded(self.watch_headroom(source, policy))))
+        if cfg.rebalances and self.placement is not None:
+            self._watchers.append(loop.create_task(self._guarded(self.watch_balance())))
 
     async def stop_watchers(self) -> None:
         for task in self._watchers:
@@ -219,3 +257,32 @@ class Lifecycle:
                 await self.rest(f"headroom mean {mean:.3f} < {policy.off:.2f} over {policy.window_s:g}s")
             else:
                 await self.resume(f"headroom mean {mean:.3f} > {policy.on:.2f} over {policy.window_s:g}s")
+
+    async def watch_balance(self) -> None:
+        period_s = self.config.rebalance_period_s
+        while True:
+            await asyncio.sleep(next_check_s(period_s))
+            if self.runtime.state != ServerState.ONLINE:
+                continue  # resting, or busy with another transition
+            move = await self._better_span()
+            if move is None:
+                continue
+            await asyncio.sleep(recheck_delay_s(period_s))  # a server deciding with us moves first, or we do
+            again = await self._better_span()
+            if again is None:
+                logger.info("not moving to blocks %d:%d: a fresh look says stay", *move.target)
+                continue
+            await self.move(again.target)
+
+    async def _better_span(self) -> Move | None:
+        if self.runtime.state != ServerState.ONLINE:
+            return None
+        placement = self.placement
+        try:
+            per_block = await asyncio.to_thread(
+                lookup, self.announcer.dht, placement.model_id, placement.model_blocks
+            )
+        except ShardnetError as exc:  # a DHT hiccup: look again next period
+            logger.warning("rebalancing look-up failed (next period retries): %s", exc)
+            return None
+        return better_span(per_block, self.own_peer_id, self.span, placement.peers)
