@@ -244,3 +244,16 @@ def test_info_reports_the_quantization(int8_swarm):
     with grpc.insecure_channel(hop.server.address) as channel:
         info = pb_grpc.ShardStub(channel).Info(pb.InfoRequest(), timeout=10)
     assert info.quant == "int8" and info.state == "online"
+
+
+def test_importing_the_client_prints_nothing_with_the_quant_extra_installed():
+    """transformers imports torchao whenever it is installed; torchao's warnings about CUDA kernels a CPU
+    torch lacks (and torch's about its type registrations) must not reach a Python user's terminal."""
+    result = subprocess.run(
+        [sys.executable, "-c", "from shardnet import ShardedModel; print(ShardedModel.__name__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ShardedModel"
+    assert result.stderr == ""

@@ -13,7 +13,10 @@ __all__ = ["ShardedModel", "__version__"]
 
 def __getattr__(name: str):
     if name == "ShardedModel":
-        from shardnet.client.model import ShardedModel
+        from shardnet.import_noise import quiet_imports
+
+        with quiet_imports():  # transformers imports torchao, which warns on a CPU-only torch
+            from shardnet.client.model import ShardedModel
 
         return ShardedModel
     raise AttributeError(f"module 'shardnet' has no attribute {name!r}")

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shardnet import netns
+from shardnet.import_noise import IMPORT_NOISE
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ PRELOAD = (
     "transformers.conversion_mapping",
     "transformers.core_model_loading",
 )
-_NOISY_AT_IMPORT = ("torchao", "torch.utils._pytree")  # as shardnet.cli: warnings about absent CUDA kernels
+_NOISY_AT_IMPORT = IMPORT_NOISE  # warnings about absent CUDA kernels (shardnet/import_noise.py)
 _FDS_PER_MESSAGE = 1
 # The exit status of a child whose template died before reaping it (it then cannot be known).
 UNKNOWN_EXIT = 255

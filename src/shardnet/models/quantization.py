@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from shardnet.errors import ConfigError
+from shardnet.import_noise import quiet_imports
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ _LIBRARIES = {"int8": ("torchao", "torchao>=0.18"), "nf4": ("bitsandbytes", "bit
 _DEVICE_TYPES = ("cpu", "cuda")  # where both libraries document their mode and shardnet wires it
 _MIN_CUDA_CAPABILITY = {"nf4": (6, 0)}  # bitsandbytes' minimum NVIDIA compute capability
 _CPU_NF4_ROWS = 32  # output rows per block of bitsandbytes' fused CPU NF4 kernel
-# Loggers that warn at import about optional kernels this use does not need (CUDA-only extensions of
-# torchao on a CPU build, a kernel package from the Hugging Face hub for bitsandbytes, a torch.compile
-# deprecation in torchao's type registrations); quiet while the library imports.
-_IMPORT_NOISE = ("torchao", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
 
 
 def check_quant_supported(mode: str, device: torch.device) -> None:
@@ -145,20 +142,15 @@ def _is_float_linear(layer: nn.Module) -> bool:
 
 def _library(mode: str) -> ModuleType:
     name, requirement = _LIBRARIES[mode]
-    levels = {logger_name: logging.getLogger(logger_name).level for logger_name in _IMPORT_NOISE}
-    for logger_name in levels:
-        logging.getLogger(logger_name).setLevel(logging.ERROR)
     try:
-        return importlib.import_module(name)
+        with quiet_imports():
+            return importlib.import_module(name)
     except Exception as exc:  # ImportError, or a broken install failing as it loads its libraries
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(
             f"--quant {mode} needs {name}, which cannot be imported here ({reason}); "
             f"install it with: pip install 'shardnet[quant]' (or '{requirement}')"
         ) from None
-    finally:
-        for logger_name, level in levels.items():
-            logging.getLogger(logger_name).setLevel(level)
 
 
 def _check_cuda(mode: str, device: torch.device) -> None:
