@@ -144,3 +144,11 @@ def test_version_names_what_runs():
         f"python {platform.python_version()}",
         *(f"{name} {version}" for name, version in installed.items()),
     ]
+
+
+@pytest.mark.parametrize(("command", "value"), [("api", "1.5"), ("chat", "often")])
+def test_bad_verify_fraction(llama_24, command, value):
+    peers = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"]
+    result = _run(command, "--model", str(llama_24), *peers, "--verify-fraction", value)
+    assert result.returncode == 2
+    _assert_one_line_error(result, "--verify-fraction", value)

@@ -42,6 +42,7 @@ class ChatConfig:
     max_length: int = 2048  # positions one conversation may hold on the servers, prompts and answers together
     dtype: str = "float32"  # dtype of the client's parts and of the servers used
     swarm_key: SwarmKey | None = None  # the key of a private swarm (--swarm-key-file)
+    verify_fraction: float = 0.05  # probability that a hop's step is checked by other holders
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -117,6 +118,7 @@ def run_chat(config: ChatConfig, read_line: Callable[[str], str] = input, out: T
             initial_peers=config.initial_peers,
             dtype=getattr(torch, config.dtype),
             swarm_key=config.swarm_key,
+            verify_fraction=config.verify_fraction,
         )
         route = model.route()  # no route: RouteNotFoundError now, not after the first message
         hops = ", ".join(f"{hop.start}:{hop.end} on {hop.server.short_id}" for hop in route)

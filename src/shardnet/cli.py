@@ -147,6 +147,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         dtype=getattr(torch, args.dtype),
         swarm_key=swarm_key(args),
+        verify_fraction=args.verify_fraction,
     )
     try:
         with GatewayServer(create_app(model, tokenizer, name), host=args.host, port=args.port) as server:
@@ -198,6 +199,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         dtype=args.dtype,
         swarm_key=swarm_key(args),
+        verify_fraction=args.verify_fraction,
     )
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run_chat(config)

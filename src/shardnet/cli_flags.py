@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from shardnet.cli_policies import add_policy_flags
+from shardnet.cli_policies import add_policy_flags, add_verify_flag
 from shardnet.errors import ShardnetError
 from shardnet.version import versions_report
 
@@ -315,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="dtype of the client's parts and activations; only servers computing in it are used",
     )
+    add_verify_flag(api)
 
     demo = sub.add_parser(
         "demo", help="start a local swarm over a real model and stream one chat answer through it"
@@ -378,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/reset starts a new one (default 2048)",
     )
     chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_verify_flag(chat)
     return parser
 
 

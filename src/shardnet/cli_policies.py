@@ -1,6 +1,7 @@
-"""``shardnet serve``'s policy flags: when a server rests (the headroom policy) and when it moves
-(rebalancing). Values are checked here one by one; how they fit together (on above off, the file the
-others need) is checked by ``ServerConfig``, which says which flag is wrong."""
+"""Policy flags: when a server rests (the headroom policy) and when it moves (rebalancing), for
+``shardnet serve``; how much of the servers' work a client checks (``--verify-fraction``), for ``shardnet
+api`` and ``shardnet chat``. Values are checked here one by one; how the server's fit together (on above
+off, the file the others need) is checked by ``ServerConfig``, which says which flag is wrong."""
 
 from __future__ import annotations
 
@@ -71,4 +72,16 @@ def add_policy_flags(serve: argparse.ArgumentParser) -> None:
         "weakest blocks by enough (its slowest block 4/3 as fast or more); if so, and still so after a "
         "random wait, drain, hand sessions over and serve the new blocks (default 60; 0 = never move; "
         "--blocks servers never move)",
+    )
+
+
+def add_verify_flag(parser: argparse.ArgumentParser) -> None:
+    """A client command's ``--verify-fraction`` (``ShardedModel.from_pretrained(verify_fraction=)``)."""
+    parser.add_argument(
+        "--verify-fraction",
+        type=_level,
+        default=0.05,
+        help="probability that each hop's step is computed again by another holder of its blocks; a server "
+        "outvoted by two others is not used again and its steps are recomputed (1 = every step, every "
+        "output exact even with a server computing wrong; 0 = never; default 0.05)",
     )
