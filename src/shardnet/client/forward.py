@@ -38,12 +38,14 @@ def _forward_hop(
     hidden: torch.Tensor,
     extra: dict,
     timeout_s: float,
+    prompts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     request = pb.ForwardRequest(
         model_id=model_id,
         span=pb.Span(start=hop.start, end=hop.end),
         hidden_states=serialize(hidden, transport.max_message_bytes),
         **extra,
+        **hop_prompts(hop, prompts, transport.max_message_bytes),
     )
     try:
         reply = transport.stub(hop.server.address, hop.server.record.tls_fingerprint).Forward(
@@ -52,6 +54,13 @@ def _forward_hop(
     except grpc.RpcError as exc:
         raise error_from_rpc(exc, f"{hop.server.short_id}@{hop.server.address}") from None
     return deserialize(reply.hidden_states)
+
+
+def hop_prompts(hop: RouteHop, prompts: torch.Tensor | None, limit: int) -> dict:
+    """The ``prompts`` field of a hop's request: its blocks' share of deep prompts [blocks, pre, hidden]."""
+    if prompts is None:
+        return {}
+    return {"prompts": serialize(prompts[hop.start : hop.end].contiguous(), limit)}
 
 
 def forward_through_swarm(
@@ -64,8 +73,13 @@ def forward_through_swarm(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
     positions: torch.Tensor | None,
+    start: int = 0,
+    hop_inputs: list[torch.Tensor] | None = None,
+    prompts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[RouteHop]]:
-    """Run full sequences [batch, seq, hidden] through every block; returns the output and the hops used."""
+    """Run full sequences [batch, seq, hidden] through blocks ``start:num_blocks``; returns the output and
+    the hops used. ``hop_inputs``: if given, each used hop's input is appended to it (for backward).
+    ``prompts``: deep prompt tuning's, [num_blocks, pre, hidden] (``client/prompt_tuning.py``)."""
     extra = optional_tensors(mask, positions, transport.max_message_bytes)
     failover = Failover(config, health, "forward")
     tol = tolerance(config.dtype)
@@ -73,18 +87,19 @@ def forward_through_swarm(
     def run(hops: list[RouteHop], given: torch.Tensor) -> torch.Tensor:  # a witness's route, no failover
         for witness_hop in hops:
             budget = failover.budget_s(witness_hop, given.shape[0] * given.shape[1])
-            given = _forward_hop(transport, witness_hop, model_id, given, extra, budget)
+            given = _forward_hop(transport, witness_hop, model_id, given, extra, budget, prompts)
         return given
 
-    route = planner.route(0, num_blocks)
+    route = planner.route(start, num_blocks)
     used: list[RouteHop] = []
+    inputs: list[torch.Tensor] = []
     index = 0
     while index < len(route):
         hop = route[index]
         budget = failover.budget_s(hop, hidden.shape[0] * hidden.shape[1])
         try:
             given = hidden
-            hidden = _forward_hop(transport, hop, model_id, given, extra, budget)
+            hidden = _forward_hop(transport, hop, model_id, given, extra, budget, prompts)
             if config.verify_fraction and random.random() < config.verify_fraction:
                 hidden = check_forward(hop, given, hidden, mask, planner, run, tol)
         except ShardnetError as error:
@@ -94,5 +109,8 @@ def forward_through_swarm(
             index = 0
             continue
         used.append(hop)
+        inputs.append(given)
         index += 1
+    if hop_inputs is not None:
+        hop_inputs.extend(inputs)
     return hidden, used

@@ -12,12 +12,13 @@ import hivemind
 import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
 
+from shardnet.client.backward import RemoteBlocks, SwarmBlocks
 from shardnet.client.config import ClientConfig, peer_set, quant_set
 from shardnet.client.conversation import Conversation
-from shardnet.client.forward import forward_through_swarm
+from shardnet.client.generation import SwarmGeneration, as_ids, require_remote
 from shardnet.client.planner import RoutePlanner
+from shardnet.client.prompt_tuning import PromptTuning
 from shardnet.client.remote_cache import RemoteCache
 from shardnet.client.routing import RouteHop
 from shardnet.client.session import InferenceSession
@@ -33,7 +34,7 @@ from shardnet.wire.call_auth import CallSigner
 logger = logging.getLogger(__name__)
 
 
-class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationMixin):
+class ShardedModel(SwarmGeneration, hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationMixin):
     """A transformers causal LM whose decoder blocks run on the swarm; embeddings, final norm and LM
     head run here.
 
@@ -67,7 +68,15 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
         self.transport = transport
         self.client_config = client_config
         self.health = swarm.health
+        # transformers picks its loss by this name, and logs a warning when it cannot (checked on 5.23-5.25).
+        self.loss_type = "ForCausalLM"
+        self.prompts: PromptTuning | None = (
+            None  # trainable prompts, with tuning_mode (client/prompt_tuning.py)
+        )
         self.planner = RoutePlanner(swarm, self.health, client_config)
+        self.blocks = SwarmBlocks(
+            self.planner, transport, self.health, client_config, swarm.model_id, swarm.num_blocks
+        )
         self._conversation: contextvars.ContextVar[Conversation | None] = contextvars.ContextVar(
             f"shardnet_conversation_{id(self)}", default=None
         )
@@ -97,6 +106,8 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
         push: bool = True,
         swarm_key: str | SwarmKey | None = None,
         verify_fraction: float = 0.05,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
     ) -> ShardedModel:
         """Load the client-side weights from a local model folder and join the swarm.
 
@@ -119,7 +130,10 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
         been started with it too). ``verify_fraction``: the probability that each hop's step is computed
         again by another holder of its blocks (1.0: every step, so every output is exact even with a
         server computing wrong; 0: never); a server outvoted by two others is banned in this process
-        (``suspected_servers``) and its steps recomputed (README "Verified results").
+        (``suspected_servers``) and its steps recomputed (README "Verified results"). ``tuning_mode``:
+        "ptune" or "deep_ptune" adds ``pre_seq_len`` trainable prompts (``model.prompts``; deep: also
+        every block's own), trained through the swarm by ``loss.backward()`` while the model's weights
+        stay frozen (README "Fine-tuning").
         """
         key = SwarmKey.from_hex(swarm_key) if isinstance(swarm_key, str) else swarm_key
         client_config = ClientConfig(
@@ -160,7 +174,13 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
             transport=transport,
             refresh_interval_s=refresh_interval_s,
         )
-        return cls(config, generation_config, head, swarm, transport, client_config)
+        model = cls(config, generation_config, head, swarm, transport, client_config)
+        if tuning_mode is not None:
+            model.prompts = PromptTuning(
+                tuning_mode, pre_seq_len, int(config.hidden_size), swarm.num_blocks, dtype
+            ).to(where)
+            model.head.requires_grad_(False)  # only the prompts train; the model stays as it is
+        return model
 
     @property
     def last_route(self) -> list[RouteHop]:
@@ -276,14 +296,26 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
             raise GenerationError("attentions and hidden states stay on the servers: they cannot be returned")
         if (input_ids is None) == (inputs_embeds is None):
             raise GenerationError("pass exactly one of input_ids and inputs_embeds")
-        input_ids = None if input_ids is None else _as_ids(input_ids)
+        input_ids = None if input_ids is None else as_ids(input_ids)
         attention_mask = None if attention_mask is None else attention_mask.to(HOST, torch.long)
         conversation = self._conversation.get()
         if cache is None and conversation is not None and input_ids is not None:
             out = conversation.forward(self.forward, input_ids, attention_mask)
             self.last_route = conversation.route
             return out
-        _require_remote(cache)
+        require_remote(cache)
+        if self.prompts is not None:  # prompt tuning: the prompts go before the tokens' embeddings
+            if cache is not None:
+                raise GenerationError(
+                    f"tuning_mode={self.prompts.mode!r}: the servers' caches do not keep the prompts yet; call "
+                    "the model without a cache (training, evaluation, generate(..., use_cache=False))"
+                )
+            if inputs_embeds is None:
+                inputs_embeds = self.head.embed_tokens(input_ids.to(self.head.device))
+            inputs_embeds, attention_mask, position_ids = self.prompts.prepend(
+                inputs_embeds, attention_mask, position_ids
+            )
+            input_ids = None
         batch, new = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:  # as transformers' forward: the positions after the cached ones
@@ -296,81 +328,39 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
                     f"attention_mask shape {list(attention_mask.shape)} must be [{batch}, {past + new}]"
                 )
             step_mask = attention_mask[:, -new:]  # the servers keep the mask of what they hold
-        hidden = self.head.embed(input_ids, position_ids, inputs_embeds).to(
-            self.dtype
-        )  # [batch, new, hidden]
-        if cache is not None:
-            hidden = cache.step(hidden.to(HOST), step_mask, position_ids)
-            self.last_route = cache.route
-        else:
-            hidden, self.last_route = forward_through_swarm(
-                self.planner,
-                self.transport,
-                self.health,
-                self.client_config,
-                self.model_id,
-                self.num_blocks,
-                hidden.to(HOST),
-                attention_mask,
-                position_ids,
-            )
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep.to(HOST)]
-        logits = self.head.logits(hidden)
+        # Gradients flow through a stateless call (client/backward.py); a session's cache keeps none.
+        with contextlib.nullcontext() if cache is None else torch.no_grad():
+            hidden = self.head.embed(input_ids, position_ids, inputs_embeds).to(
+                self.dtype
+            )  # [batch, new, hidden]
+            if cache is not None:
+                hidden = cache.step(hidden.to(HOST), step_mask, position_ids)
+                self.last_route = cache.route
+            else:
+                deep = None if self.prompts is None else self.prompts.deep_prompts(self.dtype)
+                if hidden.requires_grad or (deep is not None and deep.requires_grad):
+                    route: list[RouteHop] = []
+                    deep = None if deep is None else deep.to(HOST)
+                    hidden = RemoteBlocks.apply(
+                        hidden.to(HOST), deep, self.blocks, attention_mask, position_ids, route
+                    )
+                    self.last_route = route
+                else:
+                    deep = None if deep is None else deep.to(HOST)
+                    hidden, self.last_route = self.blocks.forward(
+                        hidden.to(HOST), attention_mask, position_ids, prompts=deep
+                    )
+                if self.prompts is not None:
+                    hidden = self.prompts.strip(hidden)
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[:, logits_to_keep.to(HOST)]
+            logits = self.head.logits(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits.float(), labels.to(logits.device), self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **hf_compat.cache_kwargs(cache))
-
-    def prepare_remote_cache(self, cache, generation_config: GenerationConfig, max_cache_length: int) -> None:
-        """generate() runs on a RemoteCache sized for this generation (the servers reserve it)."""
-        _require_remote(cache)
-        if generation_config.cache_implementation is not None:
-            raise GenerationError("cache_implementation does not apply: the KV caches live on the servers")
-        cache.reserve(max_cache_length + 1)
-
-    # ---- generate ----
-
-    def generate(
-        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
-    ):
-        """transformers' ``generate()``, on a RemoteCache of its own (freed when it returns).
-
-        Inside ``inference_session`` a call continues the conversation: ``input_ids`` are the new tokens
-        only, and the result is them followed by the new tokens.
-        """
-        if inputs is None and "input_ids" in kwargs:
-            inputs = kwargs.pop("input_ids")
-        if isinstance(inputs, list | tuple):
-            inputs = _as_ids(inputs)
-        given = hf_compat.pop_cache(kwargs)  # `cache=` or `past_key_values=`, whichever the caller used
-        conversation = self._conversation.get()
-        if conversation is not None and given is None and inputs is not None:
-            mask = kwargs.pop("attention_mask", None)
-            device = inputs.device
-            inputs = _as_ids(inputs)
-            with hf_compat.upstream_noise_dropped(assisted=kwargs.get("assistant_model") is not None):
-                out = conversation.generate(super().generate, generation_config, inputs, mask, kwargs)
-            self.last_route = conversation.route
-            return _to_device(out, device)
-        use_cache = kwargs.get("use_cache", (generation_config or self.generation_config).use_cache)
-        quiet = hf_compat.upstream_noise_dropped(assisted=kwargs.get("assistant_model") is not None)
-        if given is not None or use_cache is False:
-            with quiet:
-                return super().generate(inputs, generation_config, **hf_compat.cache_kwargs(given), **kwargs)
-        cache = RemoteCache(self._open_chain)
-        try:
-            with quiet:
-                out = super().generate(inputs, generation_config, **hf_compat.cache_kwargs(cache), **kwargs)
-        except BaseException:
-            cache.close()
-            raise
-        self.last_route = cache.route
-        if not (isinstance(out, ModelOutput) and hf_compat.cache_in(out) is cache):
-            cache.close()  # returned only with return_dict_in_generate: then it lives until dropped
-        return out
 
     # ---- lifetime ----
 
@@ -386,32 +376,3 @@ class ShardedModel(hf_compat.RemoteGenerationMixin, PreTrainedModel, GenerationM
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _require_remote(cache) -> None:
-    if cache is not None and not isinstance(cache, RemoteCache):
-        raise GenerationError(
-            f"the cache must be a RemoteCache (the servers' caches), not {type(cache).__name__}"
-        )
-
-
-def _to_device(out, device: torch.device):
-    """Sequences back on the device the caller's ids came on."""
-    if isinstance(out, ModelOutput):
-        out.sequences = out.sequences.to(device)
-        return out
-    return out.to(device)
-
-
-def _as_ids(input_ids) -> torch.Tensor:
-    if input_ids is None:
-        raise GenerationError("input_ids is required")
-    if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.tensor(input_ids, dtype=torch.long)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
-        raise GenerationError(
-            f"input_ids must be [batch, seq] integer token ids, got {list(input_ids.shape)} {input_ids.dtype}"
-        )
-    return input_ids.to(HOST, torch.long)  # token bookkeeping and the wire live on the host

@@ -24,6 +24,9 @@ class SpanInputs:
 
     attention_mask: torch.Tensor | None  # [batch, past + new] 0/1 padding mask of every position, or None
     position_ids: torch.Tensor  # [batch, new] rotary positions of the new positions
+    # [blocks, k, hidden] deep prompt tuning: before block i of the run, prompts[i] is added to the first k
+    # new positions of every row; None without (every session step, every plain forward)
+    prompts: torch.Tensor | None = None
 
 
 class SpanModule(nn.Module, ABC):
@@ -41,6 +44,20 @@ class SpanModule(nn.Module, ABC):
         self, hidden_states: torch.Tensor, inputs: SpanInputs, cache: object | None, start: int, end: int
     ) -> torch.Tensor:
         """Run blocks ``start:end`` (absolute indices) over ``hidden_states`` [batch, new, hidden]."""
+
+    def input_gradient(
+        self,
+        hidden_states: torch.Tensor,
+        inputs: SpanInputs,
+        grad_outputs: torch.Tensor,
+        start: int,
+        end: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of a loss with respect to ``hidden_states`` [batch, seq, hidden] and to the deep
+        prompts (``inputs.prompts``, or None), given its gradient with respect to blocks ``start:end``'s
+        output over full sequences (no cache). The blocks' forward runs again with autograd; the weights
+        get no gradient and never change."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run backward")
 
     @abstractmethod
     def crop_cache(self, cache: object, start: int, end: int, keep: int) -> None:

@@ -90,6 +90,36 @@ class DecoderSpan(SpanModule):
         start: int,
         end: int,
     ) -> torch.Tensor:
+        return self._run(hidden_states, inputs, cache, start, end)
+
+    def input_gradient(
+        self,
+        hidden_states: torch.Tensor,
+        inputs: SpanInputs,
+        grad_outputs: torch.Tensor,
+        start: int,
+        end: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.enable_grad():
+            given = hidden_states.detach().requires_grad_(True)
+            wanted = [given]
+            if inputs.prompts is not None:
+                prompts = inputs.prompts.detach().requires_grad_(True)
+                inputs = SpanInputs(inputs.attention_mask, inputs.position_ids, prompts)
+                wanted.append(prompts)
+            out = self._run(given, inputs, None, start, end)
+            # Only these gradients are asked for: nothing accumulates in the weights' .grad.
+            grads = torch.autograd.grad(out, wanted, grad_outputs.to(out.dtype))
+        return grads[0], (grads[1] if len(grads) > 1 else None)  # [batch, seq, hidden], [blocks, k, hidden]
+
+    def _run(
+        self,
+        hidden_states: torch.Tensor,
+        inputs: SpanInputs,
+        cache: hf_compat.Cache | None,
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
         types = self.layer_types[start:end]
         masks = {
             kind: hf_compat.attention_mask(
@@ -107,6 +137,10 @@ class DecoderSpan(SpanModule):
         for offset, block in enumerate(self.blocks[start - self.start : end - self.start]):
             kind = types[offset]
             rotation = None if rotations is None else rotations[kind]
+            if inputs.prompts is not None:  # deep prompt tuning: this block's prompts on the first positions
+                first = inputs.prompts.shape[1]
+                prompted = hidden_states[:, :first] + inputs.prompts[offset].to(hidden_states.dtype)
+                hidden_states = torch.cat([prompted, hidden_states[:, first:]], dim=1)
             hidden_states = hf_compat.run_layer(
                 block, hidden_states, masks[kind], inputs.position_ids, cache, rotation
             )
@@ -138,7 +172,6 @@ class DecoderHead(ClientHead):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    @torch.no_grad()  # not inference_mode: generate() edits the logits in place
     def embed(
         self,
         input_ids: torch.Tensor | None,
@@ -157,7 +190,6 @@ class DecoderHead(ClientHead):
             hidden = hidden + self.position_table(position_ids)
         return hidden
 
-    @torch.no_grad()
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits on the head's device; the hidden states may come from the wire, on the host."""
         logits = self.lm_head(self.norm(hidden_states.to(self.device)))  # [batch, seq, vocab]

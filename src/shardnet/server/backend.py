@@ -124,10 +124,14 @@ class SpanBackend:
 
     # ---- compute: in chunks of at most max_chunk_tokens, each under the fair compute lock ----
 
-    def forward(self, step: StepInput, start: int, end: int) -> tuple[torch.Tensor, float]:
+    def forward(
+        self, step: StepInput, start: int, end: int, prompts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
         """Run blocks start:end over full sequences. Returns (hidden states, compute seconds).
 
         Longer than one chunk, it runs chunk by chunk over a throwaway KV cache, like a session's prefill.
+        ``prompts`` [blocks, pre, hidden]: deep prompt tuning's, added before each block to the first
+        positions (``SpanInputs.prompts``).
         """
         batch, length = step.hidden_states.shape[:2]
         positions = step.position_ids
@@ -135,19 +139,83 @@ class SpanBackend:
             positions = torch.arange(length).unsqueeze(0).expand(batch, -1)  # [batch, seq]
         mask = None if step.attention_mask is None else step.attention_mask.to(torch.int64)
         if length <= self.chunk_positions(batch):
-            return self.compute.run(
-                partial(self.run_span, step.hidden_states, SpanInputs(mask, positions), None, start, end)
-            )
+            inputs = SpanInputs(mask, positions, prompts)
+            return self.compute.run(partial(self.run_span, step.hidden_states, inputs, None, start, end))
         cache = self.span.new_cache()
         outs, compute_s = [], 0.0
         for first, last in self.chunks(batch, length):
-            inputs = SpanInputs(None if mask is None else mask[:, :last], positions[:, first:last])
+            chunk_prompts = None
+            if prompts is not None and first < prompts.shape[1]:
+                chunk_prompts = prompts[:, first:last]  # the prompted positions of this chunk
+            inputs = SpanInputs(
+                None if mask is None else mask[:, :last], positions[:, first:last], chunk_prompts
+            )
             out, chunk_s = self.compute.run(
                 partial(self.run_span, step.hidden_states[:, first:last], inputs, cache, start, end)
             )
             outs.append(out)
             compute_s += chunk_s
         return torch.cat(outs, dim=1), compute_s  # [batch, seq, hidden]
+
+    def backward(
+        self,
+        step: StepInput,
+        grad_outputs: torch.Tensor,
+        start: int,
+        end: int,
+        prompts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Gradients with respect to the input of blocks start:end and to the deep ``prompts`` (or None),
+        given the gradient with respect to their output, over full sequences; returns them and the
+        compute seconds. The forward runs again with autograd, a few rows at a time (at most
+        max_chunk_tokens positions, or one row), so memory stays bounded; nothing is kept, and the
+        weights never change."""
+        batch, length = step.hidden_states.shape[:2]
+        positions = step.position_ids
+        if positions is None:
+            positions = torch.arange(length).unsqueeze(0).expand(batch, -1)  # [batch, seq]
+        mask = None if step.attention_mask is None else step.attention_mask.to(torch.int64)
+        rows = max(1, self.max_chunk_tokens // max(length, 1))
+        grads, grad_prompts, compute_s = [], None, 0.0
+        for first in range(0, batch, rows):
+            last = min(first + rows, batch)
+            inputs = SpanInputs(None if mask is None else mask[first:last], positions[first:last], prompts)
+            grad, chunk_prompts, chunk_s = self.compute.run(
+                partial(
+                    self._input_gradient,
+                    step.hidden_states[first:last],
+                    inputs,
+                    grad_outputs[first:last],
+                    start,
+                    end,
+                )
+            )
+            grads.append(grad)
+            if chunk_prompts is not None:  # every row adds the same prompts: their gradients add up
+                grad_prompts = chunk_prompts if grad_prompts is None else grad_prompts + chunk_prompts
+            compute_s += chunk_s
+        return torch.cat(grads), grad_prompts, compute_s  # [batch, seq, hidden], [blocks, pre, hidden]
+
+    def _input_gradient(
+        self, hidden: torch.Tensor, inputs: SpanInputs, grad_outputs: torch.Tensor, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        began = time.perf_counter()
+        wire_dtype = hidden.dtype
+        inputs = self._on_device(inputs)
+        grad, grad_prompts = self.span.input_gradient(
+            hidden.to(self.device, self.dtype), inputs, grad_outputs.to(self.device, self.dtype), start, end
+        )
+        if grad_prompts is not None:
+            grad_prompts = grad_prompts.to(wire_dtype).to(HOST)
+        return grad.to(wire_dtype).to(HOST), grad_prompts, time.perf_counter() - began
+
+    def _on_device(self, inputs: SpanInputs) -> SpanInputs:
+        """A call's inputs on the span's device (and its prompts in its dtype)."""
+        if self.device == HOST and (inputs.prompts is None or inputs.prompts.dtype == self.dtype):
+            return inputs
+        mask = None if inputs.attention_mask is None else inputs.attention_mask.to(self.device)
+        prompts = None if inputs.prompts is None else inputs.prompts.to(self.device, self.dtype)
+        return SpanInputs(mask, inputs.position_ids.to(self.device), prompts)
 
     def chunk_positions(self, batch: int) -> int:
         """Positions per compute chunk for this batch size (at least one)."""
@@ -165,9 +233,7 @@ class SpanBackend:
         The copy back waits for the device, so the time taken is the step's real compute time."""
         began = time.perf_counter()
         wire_dtype = hidden.dtype
-        if self.device != HOST:
-            mask = None if inputs.attention_mask is None else inputs.attention_mask.to(self.device)
-            inputs = SpanInputs(mask, inputs.position_ids.to(self.device))
+        inputs = self._on_device(inputs)
         out = self.span.run(hidden.to(self.device, self.dtype), inputs, cache, start, end)
         out = out.to(wire_dtype).to(HOST)  # [batch, new, hidden]
         return out, time.perf_counter() - began

@@ -31,6 +31,7 @@ from shardnet.server.push import PushSender
 from shardnet.server.request_rate import RequestRate
 from shardnet.server.sessions import Session, SessionTable
 from shardnet.server.step_path import present_fields, serve_step, step_input
+from shardnet.server.training import deep_prompts, serve_backward
 from shardnet.version import __version__
 from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
 from shardnet.wire.status import status_for
@@ -129,8 +130,17 @@ class ShardServicer(pb_grpc.ShardServicer):
             batch, length = step.hidden_states.shape[:2] if step.hidden_states.dim() == 3 else (0, 0)
             backend.check_session_shape(batch, length)
             backend.check_step(step, batch, 0, length)
-            out, compute_s = backend.forward(step, request.span.start, request.span.end)
+            blocks = request.span.end - request.span.start
+            prompts = deep_prompts(request, present_fields(request), blocks, step.hidden_states)
+            out, compute_s = backend.forward(step, request.span.start, request.span.end, prompts)
             return pb.ForwardResponse(hidden_states=serialize(out), compute_s=compute_s)
+        except Exception as error:  # every failure becomes a status; the server keeps serving
+            self._abort(context, error)
+
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
+        try:
+            self.runtime.admit(context, "Backward")
+            return serve_backward(self.runtime.ready_backend(), request)
         except Exception as error:  # every failure becomes a status; the server keeps serving
             self._abort(context, error)
 
@@ -304,6 +314,7 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
         ("Info", pb.InfoRequest, pb.InfoResponse),
         ("Forward", pb.ForwardRequest, pb.ForwardResponse),
         ("Push", pb.PushRequest, pb.PushAck),
+        ("Backward", pb.BackwardRequest, pb.BackwardResponse),
     )
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(

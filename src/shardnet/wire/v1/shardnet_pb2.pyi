@@ -75,18 +75,20 @@ class InfoResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., protocol_version: _Optional[str] = ..., shardnet_version: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., open_sessions: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sessions_served: _Optional[int] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ..., decode_batches: _Optional[int] = ..., decode_steps_batched: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., prefix_cache_tokens_used: _Optional[int] = ..., prefix_cache_tokens_total: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model_id", "span", "hidden_states", "attention_mask", "position_ids")
+    __slots__ = ("model_id", "span", "hidden_states", "attention_mask", "position_ids", "prompts")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     span: Span
     hidden_states: Tensor
     attention_mask: Tensor
     position_ids: Tensor
-    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    prompts: Tensor
+    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states", "compute_s")
@@ -95,6 +97,36 @@ class ForwardResponse(_message.Message):
     hidden_states: Tensor
     compute_s: float
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("model_id", "span", "hidden_states", "grad_outputs", "attention_mask", "position_ids", "update_weights", "prompts")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    span: Span
+    hidden_states: Tensor
+    grad_outputs: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    update_weights: bool
+    prompts: Tensor
+    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., update_weights: _Optional[bool] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_inputs", "compute_s", "grad_prompts")
+    GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    GRAD_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    grad_inputs: Tensor
+    compute_s: float
+    grad_prompts: Tensor
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("open", "step", "await_push")

@@ -60,6 +60,11 @@ class ShardStub:
                 request_serializer=shardnet_dot_v1_dot_shardnet__pb2.AdoptRequest.SerializeToString,
                 response_deserializer=shardnet_dot_v1_dot_shardnet__pb2.AdoptReply.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/shardnet.v1.Shard/Backward',
+                request_serializer=shardnet_dot_v1_dot_shardnet__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=shardnet_dot_v1_dot_shardnet__pb2.BackwardResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -109,6 +114,15 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backward(self, request, context):
+        """Training: run a span's forward again over full sequences, with autograd, and return the gradient
+        of the client's loss with respect to the span's input, given the gradient with respect to its
+        output. Stateless: nothing is kept between calls, and the server's weights never change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +150,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Adopt,
                     request_deserializer=shardnet_dot_v1_dot_shardnet__pb2.AdoptRequest.FromString,
                     response_serializer=shardnet_dot_v1_dot_shardnet__pb2.AdoptReply.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=shardnet_dot_v1_dot_shardnet__pb2.BackwardRequest.FromString,
+                    response_serializer=shardnet_dot_v1_dot_shardnet__pb2.BackwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,6 +293,33 @@ class Shard:
             '/shardnet.v1.Shard/Adopt',
             shardnet_dot_v1_dot_shardnet__pb2.AdoptRequest.SerializeToString,
             shardnet_dot_v1_dot_shardnet__pb2.AdoptReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardnet.v1.Shard/Backward',
+            shardnet_dot_v1_dot_shardnet__pb2.BackwardRequest.SerializeToString,
+            shardnet_dot_v1_dot_shardnet__pb2.BackwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
