@@ -308,6 +308,7 @@ def _write_sparse_checkpoint(folder: Path, config: LlamaConfig) -> int:
     return offset
 
 
+@pytest.mark.slow  # the default suite must stay under 10 minutes: README "Tests" says what covers it
 def test_cli_span_too_big_for_memory_exits_before_loading(tmp_path):
     """One block of ~800 GiB (float32) on a machine with less RAM free: refused with the numbers."""
     config = LlamaConfig(

@@ -238,6 +238,7 @@ run_server(ServerConfig(
 """
 
 
+@pytest.mark.slow  # the default suite must stay under 10 minutes: README "Tests" says what covers it
 def test_client_that_stops_answering_is_dropped_by_keepalive(llama_untied, tmp_path):
     """A stopped client process answers no HTTP/2 ping, like a machine gone without closing its TCP
     connection: the server's keepalive (here 1 s + 1 s) ends the stream and frees the session."""

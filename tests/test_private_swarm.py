@@ -233,6 +233,7 @@ def test_a_client_without_the_key_finds_no_route(private_swarm, llama_untied):
         model.close()
 
 
+@pytest.mark.slow  # the default suite must stay under 10 minutes: README "Tests" says what covers it
 def test_status_lists_the_servers_for_members_only(private_swarm, key_file):
     import json
 

@@ -80,6 +80,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # the default suite must stay under 10 minutes: README "Tests" says what covers it
 def test_the_template_and_its_children_end_with_their_launcher(llama_untied):
     """SIGKILL of the process that started a swarm (nothing of it can clean up): the template dies with
     it, and its children (a DHT node and a server, each in a session of its own) stop as they would."""

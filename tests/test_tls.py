@@ -97,6 +97,7 @@ def test_a_server_presenting_another_certificate_is_refused(tls_swarm, tmp_path)
         transport.close()
 
 
+@pytest.mark.slow  # the default suite must stay under 10 minutes: README "Tests" says what covers it
 def test_status_shows_which_servers_speak_tls(tls_swarm):
     import json
 

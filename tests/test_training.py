@@ -220,6 +220,7 @@ def test_a_server_that_dies_before_the_backward_is_replaced(training_swarm, llam
         assert gone.peer_id not in {hop.peer_id for hop in model.route()}
 
 
+@pytest.mark.slow  # 15 s; the prompt-tuning tests above cover its mechanism (README "Tests")
 def test_the_finetune_example_lowers_the_loss_on_smollm2(smollm2_swarm, smollm2_path):
     """clients/finetune.py, as the README runs it (fewer steps): deep prompts trained on the shipped text."""
     result = subprocess.run(
