@@ -152,3 +152,24 @@ def test_bad_verify_fraction(llama_24, command, value):
     result = _run(command, "--model", str(llama_24), *peers, "--verify-fraction", value)
     assert result.returncode == 2
     _assert_one_line_error(result, "--verify-fraction", value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [(["--limit", "0"], ["--limit", "0"]), (["--batch-size", "x"], ["--batch-size"]), ([], ["--tasks"])],
+)
+def test_bad_eval_flags(llama_24, tmp_path, flags, words):
+    tasks = [] if not flags else ["--tasks", "shardnet_facts"]
+    result = _run(
+        "eval",
+        "--model",
+        str(llama_24),
+        "--initial-peers",
+        "/ip4/127.0.0.1/tcp/1/p2p/x",
+        "--output-path",
+        str(tmp_path / "out.json"),
+        *tasks,
+        *flags,
+    )
+    assert result.returncode == 2
+    _assert_one_line_error(result, *words)

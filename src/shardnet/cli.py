@@ -90,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batching=args.batching,
         prefix_cache_tokens=args.prefix_cache_tokens,
         share_prefix_cache=args.share_prefix_cache,
+        adapters=tuple(args.adapters),
         swarm_key=swarm_key(args),
         tls=args.tls,
         tls_cert=args.tls_cert,

@@ -269,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-cache-tokens; 0 = off): a new session starting with a kept prefix skips that part of its prefill",
     )
     serve.add_argument(
+        "--adapters",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="PEFT LoRA adapter folders to serve besides the base model (each adapter's name is its folder's "
+        "name); clients pick one with active_adapter=NAME",
+    )
+    serve.add_argument(
         "--share-prefix-cache",
         action="store_true",
         help="reuse prefixes between clients, not only for the connection that sent them (opens a timing "

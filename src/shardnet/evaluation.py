@@ -57,7 +57,7 @@ class EvalConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
-def run_eval(config: EvalConfig, out=sys.stdout) -> dict:
+def run_eval(config: EvalConfig, out=None) -> dict:
     """Evaluate, print lm-eval's results table, write its JSON; returns the results."""
     lm_eval, hflm, task_manager_class = _lm_eval()
     task_manager = task_manager_class(include_path=str(config.include_path) if config.include_path else None)
@@ -78,7 +78,7 @@ def run_eval(config: EvalConfig, out=sys.stdout) -> dict:
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=list(config.tasks), limit=config.limit, task_manager=task_manager
             )
-    print(lm_eval.utils.make_table(results), file=out)
+    print(lm_eval.utils.make_table(results), file=out or sys.stdout)
     target = config.output_path / "results.json" if config.output_path.is_dir() else config.output_path
     target.parent.mkdir(parents=True, exist_ok=True)
     document = {

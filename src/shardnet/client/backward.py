@@ -84,6 +84,8 @@ class SwarmBlocks:
         """The gradients with respect to the first hop's input and to the deep ``prompts`` (or None),
         given the gradient with respect to the last hop's output."""
         extra = optional_tensors(mask, positions, self.transport.max_message_bytes)
+        if self.config.active_adapter:
+            extra["adapter"] = self.config.active_adapter
         failover = Failover(self.config, self.health, "backward")
         grad_prompts = None if prompts is None else torch.zeros_like(prompts)  # [blocks, pre, hidden]
         for hop, given in zip(reversed(hops), reversed(hop_inputs), strict=True):

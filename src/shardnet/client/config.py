@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -11,7 +12,10 @@ from shardnet.device_names import parse_device
 from shardnet.errors import ConfigError
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-QUANT_MODES = ("none", "int8", "nf4")  # weight-only quantization a server may announce
+QUANT_MODES = ("none", "int8", "nf4")
+ADAPTER_NAME = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+)  # as the DHT record's schema allows  # weight-only quantization a server may announce
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class ClientConfig:
     quant: frozenset[str] = frozenset({"none"})  # quantizations of servers routed through (none = exact)
     push: bool = True  # servers pass each step's output on to the next server (when all of a route can)
     verify_fraction: float = 0.05  # probability that a hop's step is checked by other holders (0 = never)
+    active_adapter: str | None = None  # a LoRA adapter servers announced; only they are used (None: base)
 
     def __post_init__(self) -> None:
         if self.dtype not in WIRE_DTYPES:
@@ -39,6 +44,10 @@ class ClientConfig:
         for name in ("route_timeout_s", "request_timeout_s", "refresh_interval_s", "hedge_floor_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.active_adapter is not None and not ADAPTER_NAME.match(str(self.active_adapter)):
+            raise ConfigError(
+                f"active_adapter must name an adapter (letters, digits, '_', '.', '-'), got {self.active_adapter!r}"
+            )
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ConfigError(f"verify_fraction must be in [0, 1], got {self.verify_fraction!r}")
         if self.max_retries < 0:

@@ -81,6 +81,8 @@ def forward_through_swarm(
     the hops used. ``hop_inputs``: if given, each used hop's input is appended to it (for backward).
     ``prompts``: deep prompt tuning's, [num_blocks, pre, hidden] (``client/prompt_tuning.py``)."""
     extra = optional_tensors(mask, positions, transport.max_message_bytes)
+    if config.active_adapter:
+        extra["adapter"] = config.active_adapter
     failover = Failover(config, health, "forward")
     tol = tolerance(config.dtype)
 

@@ -87,6 +87,7 @@ class SpanStream:
         open_timeout_s: float,
         board: ReplyBoard | None = None,
         adopt_token: bytes = b"",
+        adapter: str = "",
     ):
         """``adopt_token``: take over a session another server handed over here (see ``SessionMovedError``)
         instead of opening an empty one."""
@@ -116,6 +117,7 @@ class SpanStream:
                         batch_size=batch_size,
                         session_id=session_id,
                         adopt_token=adopt_token,
+                        adapter=adapter,
                     )
                 )
             )

@@ -108,6 +108,7 @@ class ShardedModel(SwarmGeneration, hf_compat.RemoteGenerationMixin, PreTrainedM
         verify_fraction: float = 0.05,
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
+        active_adapter: str | None = None,
     ) -> ShardedModel:
         """Load the client-side weights from a local model folder and join the swarm.
 
@@ -133,7 +134,9 @@ class ShardedModel(SwarmGeneration, hf_compat.RemoteGenerationMixin, PreTrainedM
         (``suspected_servers``) and its steps recomputed (README "Verified results"). ``tuning_mode``:
         "ptune" or "deep_ptune" adds ``pre_seq_len`` trainable prompts (``model.prompts``; deep: also
         every block's own), trained through the swarm by ``loss.backward()`` while the model's weights
-        stay frozen (README "Fine-tuning").
+        stay frozen (README "Fine-tuning"). ``active_adapter``: a LoRA adapter servers load with
+        ``serve --adapters``: only servers that announce it are used, and they run every request with it
+        (None: the base model, on any server).
         """
         key = SwarmKey.from_hex(swarm_key) if isinstance(swarm_key, str) else swarm_key
         client_config = ClientConfig(
@@ -150,13 +153,15 @@ class ShardedModel(SwarmGeneration, hf_compat.RemoteGenerationMixin, PreTrainedM
             quant=quant_set(quant),
             push=bool(push),
             verify_fraction=float(verify_fraction),
+            active_adapter=active_adapter,
         )
         if not initial_peers and dht is None:
             raise ConfigError("initial_peers is empty: pass the multiaddrs printed by `shardnet dht`")
         config = load_config(model_path)
         where = resolve_device(client_config.device, flag="device")  # ConfigError if this machine lacks it
         make_current(where)
-        head = adapter_for(config).load_head(Checkpoint(model_path), config, dtype, where)
+        with hf_compat.BUILDING_MODELS:  # no other thread's model skeleton open meanwhile
+            head = adapter_for(config).load_head(Checkpoint(model_path), config, dtype, where)
         try:
             generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
         except OSError:
@@ -174,11 +179,13 @@ class ShardedModel(SwarmGeneration, hf_compat.RemoteGenerationMixin, PreTrainedM
             transport=transport,
             refresh_interval_s=refresh_interval_s,
         )
-        model = cls(config, generation_config, head, swarm, transport, client_config)
+        with hf_compat.BUILDING_MODELS:
+            model = cls(config, generation_config, head, swarm, transport, client_config)
         if tuning_mode is not None:
-            model.prompts = PromptTuning(
-                tuning_mode, pre_seq_len, int(config.hidden_size), swarm.num_blocks, dtype
-            ).to(where)
+            with hf_compat.BUILDING_MODELS:
+                model.prompts = PromptTuning(
+                    tuning_mode, pre_seq_len, int(config.hidden_size), swarm.num_blocks, dtype
+                ).to(where)
             model.head.requires_grad_(False)  # only the prompts train; the model stays as it is
         return model
 

@@ -65,6 +65,8 @@ class RoutePlanner:
             return f"quant {record.quant}"
         if config.allowed_servers is not None and record.peer_id not in config.allowed_servers:
             return "not in allowed_servers"
+        if config.active_adapter and config.active_adapter not in record.adapters:
+            return f"no adapter {config.active_adapter}"
         if record.peer_id in config.blocked_servers:
             return "in blocked_servers"
         if record.peer_id in exclude:

@@ -130,6 +130,7 @@ class HopReplacement:
             open_timeout_s,
             self.board,
             adopt_token=adopt_token,
+            adapter=self._config.active_adapter or "",
         )
 
     def _open(

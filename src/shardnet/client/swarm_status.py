@@ -72,6 +72,7 @@ def server_entry(view: ServerView, differ: set[str] = frozenset()) -> dict:
         "prefix_tokens_reused": r.prefix_tokens_reused,  # prefill positions (x batch) those skipped
         "weight_digests": list(r.weight_digests),  # per block held: 8 hex digits of its weights as loaded
         "weights": weights_state(view, differ),  # "differs" from most holders of a block, "ok", or "-"
+        "adapters": list(r.adapters),  # LoRA adapters it serves (serve --adapters)
     }
 
 

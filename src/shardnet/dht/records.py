@@ -59,6 +59,10 @@ class ServerRecord(pydantic.BaseModel):
     prefix_tokens_reused: pydantic.conint(strict=True, ge=0) = 0  # prefill positions (x batch) they skipped
     # A short digest of each held block's weights as loaded (server/weight_identity.py); [] = not announced.
     weight_digests: pydantic.conlist(pydantic.constr(strict=True, regex="^[0-9a-f]{8}$"), max_items=4096) = []
+    # LoRA adapters the server can run its blocks with (serve --adapters: each folder's name); [] = none.
+    adapters: pydantic.conlist(
+        pydantic.constr(strict=True, regex="^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"), max_items=64
+    ) = []
 
     @pydantic.validator("weight_digests")
     def _one_digest_per_block(cls, digests: list, values: dict) -> list:  # noqa: N805

@@ -27,6 +27,7 @@ class SpanInputs:
     # [blocks, k, hidden] deep prompt tuning: before block i of the run, prompts[i] is added to the first k
     # new positions of every row; None without (every session step, every plain forward)
     prompts: torch.Tensor | None = None
+    adapter: str = ""  # the LoRA adapter to run the blocks with (server/adapters.py); "" = the base model
 
 
 class SpanModule(nn.Module, ABC):

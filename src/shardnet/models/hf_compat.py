@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -353,6 +354,12 @@ def rotary_embeddings(
 # ---- building and loading models -------------------------------------------------------------------
 
 
+# accelerate's init_empty_weights patches nn.Module for the whole process while it is open: a thread
+# loading weights (or building any module) meanwhile gets its new parameters on meta. Skeletons and loads
+# take this lock, and so does a caller building a model from several threads (ShardedModel.from_pretrained).
+BUILDING_MODELS = threading.RLock()
+
+
 def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
     """The causal LM transformers would build for ``config`` in ``dtype``, every parameter on meta.
 
@@ -363,7 +370,7 @@ def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False), quiet():
+    with BUILDING_MODELS, init_empty_weights(include_buffers=False), quiet():
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
@@ -391,7 +398,7 @@ def load_state_dict(
         device_map={"": device},
         weight_mapping=get_model_conversion_mapping(model),
     )
-    with quiet():
+    with BUILDING_MODELS, quiet():  # never while another thread's skeleton is open
         info, _ = convert_and_load_state_dict_in_model(
             model=model, state_dict=state_dict, load_config=load_config
         )

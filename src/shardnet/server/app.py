@@ -194,6 +194,7 @@ class Server:
             prefix_hits=self.runtime.backend.prefix.hits if self.runtime.backend else 0,
             prefix_tokens_reused=self.runtime.backend.prefix.tokens_reused if self.runtime.backend else 0,
             weight_digests=self.lifecycle.weight_digests,
+            adapters=self.runtime.backend.adapter_names if self.runtime.backend else [],
         )
 
     def _holders(self) -> list[ServerView]:

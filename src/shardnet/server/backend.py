@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from shardnet.devices import HOST
 from shardnet.errors import InvalidRequestError, ModelMismatchError
 from shardnet.models import SpanInputs, SpanModule
+from shardnet.server.adapters import ServerAdapters
 from shardnet.server.compute_queue import ComputeQueue
 from shardnet.server.prefix_reuse import PrefixStore
 from shardnet.server.throughput import ThroughputMeter
@@ -56,6 +58,7 @@ class SpanBackend:
         batching: bool = True,
         compute: ComputeQueue | None = None,
         prefix: PrefixStore | None = None,
+        adapters: ServerAdapters | None = None,
     ):
         self.span = span
         self.dtype = dtype
@@ -67,6 +70,24 @@ class SpanBackend:
         self.compute = compute or ComputeQueue(max_batch_rows=max_chunk_tokens)
         self.throughput = ThroughputMeter(limits.end - limits.start)
         self.prefix = prefix  # kept prompt prefixes (server/prefix_reuse.py); None: none kept
+        self.adapters = adapters  # LoRA adapters (server/adapters.py); None: none loaded
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.names) if self.adapters is not None else []
+
+    def check_adapter(self, name: str) -> None:
+        if not name:
+            return
+        if self.adapters is None:
+            raise InvalidRequestError(f"adapter {name!r} is not served here (this server has none)")
+        self.adapters.check(name)
+
+    def _adapter(self, inputs: SpanInputs):
+        """The context a forward pass runs in: its adapter active (none: the base model)."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.active(inputs.adapter)
 
     # ---- checks (cheap, before any work) ----
 
@@ -125,7 +146,7 @@ class SpanBackend:
     # ---- compute: in chunks of at most max_chunk_tokens, each under the fair compute lock ----
 
     def forward(
-        self, step: StepInput, start: int, end: int, prompts: torch.Tensor | None = None
+        self, step: StepInput, start: int, end: int, prompts: torch.Tensor | None = None, adapter: str = ""
     ) -> tuple[torch.Tensor, float]:
         """Run blocks start:end over full sequences. Returns (hidden states, compute seconds).
 
@@ -139,7 +160,7 @@ class SpanBackend:
             positions = torch.arange(length).unsqueeze(0).expand(batch, -1)  # [batch, seq]
         mask = None if step.attention_mask is None else step.attention_mask.to(torch.int64)
         if length <= self.chunk_positions(batch):
-            inputs = SpanInputs(mask, positions, prompts)
+            inputs = SpanInputs(mask, positions, prompts, adapter)
             return self.compute.run(partial(self.run_span, step.hidden_states, inputs, None, start, end))
         cache = self.span.new_cache()
         outs, compute_s = [], 0.0
@@ -148,7 +169,7 @@ class SpanBackend:
             if prompts is not None and first < prompts.shape[1]:
                 chunk_prompts = prompts[:, first:last]  # the prompted positions of this chunk
             inputs = SpanInputs(
-                None if mask is None else mask[:, :last], positions[:, first:last], chunk_prompts
+                None if mask is None else mask[:, :last], positions[:, first:last], chunk_prompts, adapter
             )
             out, chunk_s = self.compute.run(
                 partial(self.run_span, step.hidden_states[:, first:last], inputs, cache, start, end)
@@ -164,6 +185,7 @@ class SpanBackend:
         start: int,
         end: int,
         prompts: torch.Tensor | None = None,
+        adapter: str = "",
     ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Gradients with respect to the input of blocks start:end and to the deep ``prompts`` (or None),
         given the gradient with respect to their output, over full sequences; returns them and the
@@ -179,7 +201,9 @@ class SpanBackend:
         grads, grad_prompts, compute_s = [], None, 0.0
         for first in range(0, batch, rows):
             last = min(first + rows, batch)
-            inputs = SpanInputs(None if mask is None else mask[first:last], positions[first:last], prompts)
+            inputs = SpanInputs(
+                None if mask is None else mask[first:last], positions[first:last], prompts, adapter
+            )
             grad, chunk_prompts, chunk_s = self.compute.run(
                 partial(
                     self._input_gradient,
@@ -202,9 +226,14 @@ class SpanBackend:
         began = time.perf_counter()
         wire_dtype = hidden.dtype
         inputs = self._on_device(inputs)
-        grad, grad_prompts = self.span.input_gradient(
-            hidden.to(self.device, self.dtype), inputs, grad_outputs.to(self.device, self.dtype), start, end
-        )
+        with self._adapter(inputs):
+            grad, grad_prompts = self.span.input_gradient(
+                hidden.to(self.device, self.dtype),
+                inputs,
+                grad_outputs.to(self.device, self.dtype),
+                start,
+                end,
+            )
         if grad_prompts is not None:
             grad_prompts = grad_prompts.to(wire_dtype).to(HOST)
         return grad.to(wire_dtype).to(HOST), grad_prompts, time.perf_counter() - began
@@ -215,7 +244,7 @@ class SpanBackend:
             return inputs
         mask = None if inputs.attention_mask is None else inputs.attention_mask.to(self.device)
         prompts = None if inputs.prompts is None else inputs.prompts.to(self.device, self.dtype)
-        return SpanInputs(mask, inputs.position_ids.to(self.device), prompts)
+        return SpanInputs(mask, inputs.position_ids.to(self.device), prompts, inputs.adapter)
 
     def chunk_positions(self, batch: int) -> int:
         """Positions per compute chunk for this batch size (at least one)."""
@@ -234,7 +263,8 @@ class SpanBackend:
         began = time.perf_counter()
         wire_dtype = hidden.dtype
         inputs = self._on_device(inputs)
-        out = self.span.run(hidden.to(self.device, self.dtype), inputs, cache, start, end)
+        with self._adapter(inputs):
+            out = self.span.run(hidden.to(self.device, self.dtype), inputs, cache, start, end)
         out = out.to(wire_dtype).to(HOST)  # [batch, new, hidden]
         return out, time.perf_counter() - began
 

@@ -66,6 +66,7 @@ class ServerConfig:
     prefix_cache_tokens: int | None = None  # kept prompt prefixes, batch x positions; None = an eighth of
     # max_cache_tokens, 0 = none (server/prefix_reuse.py)
     share_prefix_cache: bool = False  # reuse one client's prefixes for another (a timing side channel)
+    adapters: tuple[Path, ...] = ()  # PEFT LoRA folders served besides the base model (server/adapters.py)
     swarm_key: SwarmKey | None = None  # a private swarm's key: sealed DHT records, signed gRPC calls
     tls: bool = False  # gRPC over TLS with a self-signed certificate kept in state_dir (or tls_cert/tls_key)
     tls_cert: Path | None = None  # PEM certificate for gRPC TLS (with tls_key; implies tls)
@@ -93,6 +94,14 @@ class ServerConfig:
         parse_device(self.device)
         if self.quant not in QUANT_NAMES:
             raise ConfigError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_NAMES)}")
+        for folder in self.adapters:  # before anything starts; the weights load with the span
+            for needed in ("adapter_config.json", "adapter_model.safetensors"):
+                if not (Path(folder) / needed).is_file():
+                    raise ConfigError(
+                        f"--adapters {folder}: no {needed} there (a PEFT LoRA folder, safetensors)"
+                    )
+        if self.adapters and self.quant != "none":
+            raise ConfigError("--adapters needs exact weights: serve them with --quant none")
         if self.blocks is None and self.num_blocks is None:
             raise ConfigError(
                 "choose what to serve: --num-blocks N (the N blocks the swarm needs most) "

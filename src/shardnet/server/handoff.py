@@ -63,6 +63,8 @@ class HandOff:
 
     def candidates(self, session: Session) -> list[ServerView]:
         """Servers that can take ``session`` exactly: most free cache first."""
+        if session.adapter:  # an adopted session runs without one: its client replays it instead
+            return []
         seen, usable = set(), []
         for view in self._holders():
             record = view.record

@@ -22,6 +22,7 @@ from shardnet.devices import HOST
 from shardnet.models import Checkpoint
 from shardnet.models.base import ModelAdapter
 from shardnet.models.quantization import quantize_span
+from shardnet.server.adapters import ServerAdapters
 from shardnet.server.backend import SpanBackend, SpanLimits
 from shardnet.server.compute_queue import ComputeQueue
 from shardnet.server.config import ServerConfig
@@ -75,6 +76,9 @@ class SpanLoader:
         # Right after loading, layer by layer: the peak is the span in --dtype, never the whole model.
         quantize_span(blocks, cfg.quant, self.device)
         digests = span_digests(blocks.blocks)  # announced: status tells weights that differ
+        adapters = None
+        if cfg.adapters:  # after the digests: those name the base weights every holder shares
+            adapters = ServerAdapters(blocks.blocks, start, end, list(cfg.adapters), self.dtype, self.device)
         limits = SpanLimits(
             model_id=self.model_id,
             start=start,
@@ -93,6 +97,7 @@ class SpanLoader:
             batching=cfg.batching,
             compute=self.compute,
             prefix=PrefixStore(cfg.prefix_tokens, shared=cfg.share_prefix_cache),
+            adapters=adapters,
         )
         return backend, digests
 

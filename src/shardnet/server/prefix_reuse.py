@@ -98,9 +98,11 @@ class PrefixStore:
     def enabled(self) -> bool:
         return self.max_tokens >= BLOCK_TOKENS
 
-    def seed(self, client: str, start: int, end: int, hidden: torch.Tensor) -> bytes:
+    def seed(self, client: str, start: int, end: int, hidden: torch.Tensor, adapter: str = "") -> bytes:
+        """What names a prefix besides its hidden states: scope, span, dtype, batch shape, and the LoRA
+        adapter (the same inputs give other keys and values with another)."""
         scope = "" if self.shared else client
-        return f"{scope}|{start}:{end}|{hidden.dtype}|{hidden.shape[0]}x{hidden.shape[2]}".encode()
+        return f"{scope}|{start}:{end}|{hidden.dtype}|{hidden.shape[0]}x{hidden.shape[2]}|{adapter}".encode()
 
     def lookup(self, digests: list[bytes]) -> PrefixHit:
         """The longest kept run of blocks from the first; they are touched last one first, so a prefix's

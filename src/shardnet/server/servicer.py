@@ -132,7 +132,10 @@ class ShardServicer(pb_grpc.ShardServicer):
             backend.check_step(step, batch, 0, length)
             blocks = request.span.end - request.span.start
             prompts = deep_prompts(request, present_fields(request), blocks, step.hidden_states)
-            out, compute_s = backend.forward(step, request.span.start, request.span.end, prompts)
+            backend.check_adapter(request.adapter)
+            out, compute_s = backend.forward(
+                step, request.span.start, request.span.end, prompts, request.adapter
+            )
             return pb.ForwardResponse(hidden_states=serialize(out), compute_s=compute_s)
         except Exception as error:  # every failure becomes a status; the server keeps serving
             self._abort(context, error)
@@ -211,6 +214,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         backend.check_model(request.model_id)
         backend.check_span(request.span.start, request.span.end)
         backend.check_session_shape(request.batch_size, request.max_length)
+        backend.check_adapter(request.adapter)
         if request.adopt_token:
             session = self.runtime.sessions.claim(
                 request.adopt_token, cancel=context.cancel, client=context.peer()
@@ -229,6 +233,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             request.session_id,
             cancel=context.cancel,  # lets the idle reaper end this stream
             client=context.peer(),  # one connection: the unit of the per-client quotas
+            adapter=request.adapter,
         )
 
     def _pushed(self, session: Session, wait: pb.AwaitPush, context: grpc.ServicerContext) -> pb.PushRequest:

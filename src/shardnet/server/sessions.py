@@ -43,6 +43,7 @@ class Session:
     push_token: bytes = field(default_factory=lambda: secrets.token_bytes(16))  # names it to pushing servers
     inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # steps from the client or a push
     client: str = ""  # who opened it (its connection), for the per-client quotas
+    adapter: str = ""  # the LoRA adapter its steps run with (server/adapters.py); "" = the base model
 
     @property
     def cache_tokens(self) -> int:
@@ -111,8 +112,10 @@ class SessionTable:
         client_id: str,
         cancel: Callable[[], None] = _no_cancel,
         client: str = "",
+        adapter: str = "",
     ) -> Session:
-        """``client_id``: the session id the client asked for; ``client``: who asks (its connection)."""
+        """``client_id``: the session id the client asked for; ``client``: who asks (its connection);
+        ``adapter``: the LoRA adapter its steps run with ("" = none)."""
         tokens = batch_size * max_length
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
@@ -140,7 +143,9 @@ class SessionTable:
             session_id = _clean_client_id(client_id) or uuid.uuid4().hex
             while session_id in self._sessions:
                 session_id = uuid.uuid4().hex
-            session = Session(session_id, start, end, batch_size, max_length, cache, cancel, client=client)
+            session = Session(
+                session_id, start, end, batch_size, max_length, cache, cancel, client=client, adapter=adapter
+            )
             self._sessions[session_id] = session
             self._by_token[session.push_token] = session
             self._served += 1

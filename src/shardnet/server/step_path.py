@@ -104,7 +104,8 @@ def run_step(
     keep = session.position if keep is None else keep
     batch, new = step.hidden_states.shape[:2]
     if new == 1 and backend.batching:
-        key = (session.start, session.end, step.hidden_states.dtype)
+        # Sessions with different adapters never share a pass (server/adapters.py): each stays exact.
+        key = (session.start, session.end, step.hidden_states.dtype, session.adapter)
         return backend.compute.run_batched(
             key, (session, step, keep), batch, partial(decode_together, backend)
         )
@@ -116,7 +117,9 @@ def run_step(
 def with_prefix(backend: SpanBackend, session: Session, step: StepInput) -> tuple[torch.Tensor, float]:
     """A session's first step: start from the longest kept prefix, compute the rest, keep its blocks."""
     hidden, store, device = step.hidden_states, backend.prefix, backend.device
-    hit = store.lookup(block_digests(hidden, store.seed(session.client, session.start, session.end, hidden)))
+    hit = store.lookup(
+        block_digests(hidden, store.seed(session.client, session.start, session.end, hidden, session.adapter))
+    )
     kept, outs, compute_s = hit.positions, [], 0.0
     if kept:
         layers = [(keys.to(device), values.to(device), seen) for keys, values, seen in hit.layers()]
@@ -149,7 +152,11 @@ def in_chunks(
     positions, mask = session_inputs(session, step)
     outs, compute_s = [], 0.0
     for first, last in backend.chunks(batch, new):
-        inputs = SpanInputs(None if mask is None else mask[:, : past + last], positions[:, first:last])
+        inputs = SpanInputs(
+            None if mask is None else mask[:, : past + last],
+            positions[:, first:last],
+            adapter=session.adapter,
+        )
         hidden = step.hidden_states[:, first:last]
         run = partial(backend.run_span, hidden, inputs, session.cache, session.start, session.end)
         out, chunk_s = backend.compute.run(run)
@@ -178,7 +185,11 @@ def decode_together(
         results = []
         for (session, step, _), (positions, mask) in zip(items, own, strict=True):
             out, compute_s = backend.run_span(
-                step.hidden_states, SpanInputs(mask, positions), session.cache, start, end
+                step.hidden_states,
+                SpanInputs(mask, positions, adapter=session.adapter),
+                session.cache,
+                start,
+                end,
             )
             advance(session, session.position + 1, mask, compute_s)
             session.steps += 1
@@ -191,7 +202,8 @@ def decode_together(
         masks.append(torch.nn.functional.pad(mask, (frame - session.position, 0)))
     hidden = torch.cat([step.hidden_states for _, step, _ in items])  # [rows, 1, hidden]
     positions = torch.cat([positions for positions, _ in own])  # [rows, 1]
-    out, compute_s = backend.run_span(hidden, SpanInputs(torch.cat(masks), positions), cache, start, end)
+    inputs = SpanInputs(torch.cat(masks), positions, adapter=sessions[0].adapter)  # one adapter a batch
+    out, compute_s = backend.run_span(hidden, inputs, cache, start, end)
     results, first = [], 0
     for session, (_, mask) in zip(sessions, own, strict=True):
         advance(session, session.position + 1, mask, compute_s)

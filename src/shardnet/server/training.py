@@ -49,8 +49,9 @@ def serve_backward(backend: SpanBackend, request: pb.BackwardRequest) -> pb.Back
             f"{list(grad_outputs.shape)} {grad_outputs.dtype}"
         )
     prompts = deep_prompts(request, present, request.span.end - request.span.start, hidden)
+    backend.check_adapter(request.adapter)
     grad_inputs, grad_prompts, compute_s = backend.backward(
-        step, grad_outputs, request.span.start, request.span.end, prompts
+        step, grad_outputs, request.span.start, request.span.end, prompts, request.adapter
     )
     reply = pb.BackwardResponse(grad_inputs=serialize(grad_inputs), compute_s=compute_s)
     if grad_prompts is not None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashardnet/v1/shardnet.proto\x12\x0bshardnet.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\r\n\x0bInfoRequest\"\x93\x04\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1f\n\x04span\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Span\x12\x18\n\x10protocol_version\x18\x03 \x01(\t\x12\x18\n\x10shardnet_version\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x12\n\nmax_length\x18\x08 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_tokens_total\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\x15\n\ropen_sessions\x18\x0b \x01(\r\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\x12\x17\n\x0fsessions_served\x18\r \x01(\x04\x12\r\n\x05state\x18\x0e \x01(\t\x12\r\n\x05quant\x18\x0f \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_batches\x18\x10 \x01(\x04\x12\x1c\n\x14\x64\x65\x63ode_steps_batched\x18\x11 \x01(\x04\x12\x13\n\x0bprefix_hits\x18\x12 \x01(\x04\x12\x1c\n\x14prefix_tokens_reused\x18\x13 \x01(\x04\x12 \n\x18prefix_cache_tokens_used\x18\x14 \x01(\x04\x12!\n\x19prefix_cache_tokens_total\x18\x15 \x01(\x04\"\xed\x01\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1f\n\x04span\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Span\x12*\n\rhidden_states\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12)\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12$\n\x07prompts\x18\x06 \x01(\x0b\x32\x13.shardnet.v1.Tensor\"P\n\x0f\x46orwardResponse\x12*\n\rhidden_states\x18\x01 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\"\xb1\x02\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1f\n\x04span\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Span\x12*\n\rhidden_states\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12)\n\x0cgrad_outputs\x18\x04 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12)\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x16\n\x0eupdate_weights\x18\x07 \x01(\x08\x12$\n\x07prompts\x18\x08 \x01(\x0b\x32\x13.shardnet.v1.Tensor\"z\n\x10\x42\x61\x63kwardResponse\x12(\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x12)\n\x0cgrad_prompts\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\"\x95\x01\n\x10InferenceRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.shardnet.v1.OpenSessionH\x00\x12!\n\x04step\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.StepH\x00\x12,\n\nawait_push\x18\x03 \x01(\x0b\x32\x16.shardnet.v1.AwaitPushH\x00\x42\x06\n\x04kind\"\x1c\n\tAwaitPush\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\"\x91\x01\n\x0bOpenSession\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1f\n\x04span\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Span\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x13\n\x0b\x61\x64opt_token\x18\x06 \x01(\x0c\"\xf8\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12*\n\rhidden_states\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12)\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12%\n\x08hypo_ids\x18\x06 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\"\n\x04push\x18\x07 \x03(\x0b\x32\x14.shardnet.v1.NextHop\"x\n\x07NextHop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\npush_token\x18\x02 \x01(\x0c\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x10\n\x08position\x18\x04 \x01(\r\x12%\n\x08hypo_ids\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\"Q\n\x0bPushRequest\x12\x12\n\npush_token\x18\x01 \x01(\x0c\x12\x1f\n\x04step\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Step\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\t\"\t\n\x07PushAck\"r\n\x11InferenceResponse\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.shardnet.v1.SessionOpenedH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.shardnet.v1.StepResultH\x00\x42\x06\n\x04kind\"M\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61\x63he_tokens\x18\x02 \x01(\x04\x12\x12\n\npush_token\x18\x03 \x01(\x0c\"\xb7\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x10\n\x08handle_s\x18\x05 \x01(\x01\x12\x12\n\npush_error\x18\x06 \x01(\t\x12!\n\x05moved\x18\x07 \x01(\x0b\x32\x12.shardnet.v1.Moved\">\n\x05Moved\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64opt_token\x18\x03 \x01(\x0c\"\xda\x01\n\x0c\x41\x64optRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x18.shardnet.v1.OpenSession\x12\x10\n\x08position\x18\x02 \x01(\r\x12+\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\r\n\x05layer\x18\x04 \x01(\r\x12!\n\x04keys\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12#\n\x06values\x18\x06 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x0c\n\x04seen\x18\x07 \x01(\r\"!\n\nAdoptReply\x12\x13\n\x0b\x61\x64opt_token\x18\x01 \x01(\x0c\x32\x9a\x03\n\x05Shard\x12;\n\x04Info\x12\x18.shardnet.v1.InfoRequest\x1a\x19.shardnet.v1.InfoResponse\x12\x44\n\x07\x46orward\x12\x1b.shardnet.v1.ForwardRequest\x1a\x1c.shardnet.v1.ForwardResponse\x12N\n\tInference\x12\x1d.shardnet.v1.InferenceRequest\x1a\x1e.shardnet.v1.InferenceResponse(\x01\x30\x01\x12\x36\n\x04Push\x12\x18.shardnet.v1.PushRequest\x1a\x14.shardnet.v1.PushAck\x12=\n\x05\x41\x64opt\x12\x19.shardnet.v1.AdoptRequest\x1a\x17.shardnet.v1.AdoptReply(\x01\x12G\n\x08\x42\x61\x63kward\x12\x1c.shardnet.v1.BackwardRequest\x1a\x1d.shardnet.v1.BackwardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashardnet/v1/shardnet.proto\x12\x0bshardnet.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\r\n\x0bInfoRequest\"\x93\x04\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1f\n\x04span\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Span\x12\x18\n\x10protocol_version\x18\x03 \x01(\t\x12\x18\n\x10shardnet_version\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x12\n\nmax_length\x18\x08 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_tokens_total\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\x15\n\ropen_sessions\x18\x0b \x01(\r\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\x12\x17\n\x0fsessions_served\x18\r \x01(\x04\x12\r\n\x05state\x18\x0e \x01(\t\x12\r\n\x05quant\x18\x0f \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_batches\x18\x10 \x01(\x04\x12\x1c\n\x14\x64\x65\x63ode_steps_batched\x18\x11 \x01(\x04\x12\x13\n\x0bprefix_hits\x18\x12 \x01(\x04\x12\x1c\n\x14prefix_tokens_reused\x18\x13 \x01(\x04\x12 \n\x18prefix_cache_tokens_used\x18\x14 \x01(\x04\x12!\n\x19prefix_cache_tokens_total\x18\x15 \x01(\x04\"\xfe\x01\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1f\n\x04span\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Span\x12*\n\rhidden_states\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12)\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12$\n\x07prompts\x18\x06 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"P\n\x0f\x46orwardResponse\x12*\n\rhidden_states\x18\x01 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\"\xc2\x02\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1f\n\x04span\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Span\x12*\n\rhidden_states\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12)\n\x0cgrad_outputs\x18\x04 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12)\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x16\n\x0eupdate_weights\x18\x07 \x01(\x08\x12$\n\x07prompts\x18\x08 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\"z\n\x10\x42\x61\x63kwardResponse\x12(\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x12)\n\x0cgrad_prompts\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\"\x95\x01\n\x10InferenceRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.shardnet.v1.OpenSessionH\x00\x12!\n\x04step\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.StepH\x00\x12,\n\nawait_push\x18\x03 \x01(\x0b\x32\x16.shardnet.v1.AwaitPushH\x00\x42\x06\n\x04kind\"\x1c\n\tAwaitPush\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\"\xa2\x01\n\x0bOpenSession\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1f\n\x04span\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Span\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x13\n\x0b\x61\x64opt_token\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"\xf8\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12*\n\rhidden_states\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12)\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12%\n\x08hypo_ids\x18\x06 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\"\n\x04push\x18\x07 \x03(\x0b\x32\x14.shardnet.v1.NextHop\"x\n\x07NextHop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\npush_token\x18\x02 \x01(\x0c\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x10\n\x08position\x18\x04 \x01(\r\x12%\n\x08hypo_ids\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\"Q\n\x0bPushRequest\x12\x12\n\npush_token\x18\x01 \x01(\x0c\x12\x1f\n\x04step\x18\x02 \x01(\x0b\x32\x11.shardnet.v1.Step\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\t\"\t\n\x07PushAck\"r\n\x11InferenceResponse\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.shardnet.v1.SessionOpenedH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.shardnet.v1.StepResultH\x00\x42\x06\n\x04kind\"M\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61\x63he_tokens\x18\x02 \x01(\x04\x12\x12\n\npush_token\x18\x03 \x01(\x0c\"\xb7\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x10\n\x08handle_s\x18\x05 \x01(\x01\x12\x12\n\npush_error\x18\x06 \x01(\t\x12!\n\x05moved\x18\x07 \x01(\x0b\x32\x12.shardnet.v1.Moved\">\n\x05Moved\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64opt_token\x18\x03 \x01(\x0c\"\xda\x01\n\x0c\x41\x64optRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x18.shardnet.v1.OpenSession\x12\x10\n\x08position\x18\x02 \x01(\r\x12+\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\r\n\x05layer\x18\x04 \x01(\r\x12!\n\x04keys\x18\x05 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12#\n\x06values\x18\x06 \x01(\x0b\x32\x13.shardnet.v1.Tensor\x12\x0c\n\x04seen\x18\x07 \x01(\r\"!\n\nAdoptReply\x12\x13\n\x0b\x61\x64opt_token\x18\x01 \x01(\x0c\x32\x9a\x03\n\x05Shard\x12;\n\x04Info\x12\x18.shardnet.v1.InfoRequest\x1a\x19.shardnet.v1.InfoResponse\x12\x44\n\x07\x46orward\x12\x1b.shardnet.v1.ForwardRequest\x1a\x1c.shardnet.v1.ForwardResponse\x12N\n\tInference\x12\x1d.shardnet.v1.InferenceRequest\x1a\x1e.shardnet.v1.InferenceResponse(\x01\x30\x01\x12\x36\n\x04Push\x12\x18.shardnet.v1.PushRequest\x1a\x14.shardnet.v1.PushAck\x12=\n\x05\x41\x64opt\x12\x19.shardnet.v1.AdoptRequest\x1a\x17.shardnet.v1.AdoptReply(\x01\x12G\n\x08\x42\x61\x63kward\x12\x1c.shardnet.v1.BackwardRequest\x1a\x1d.shardnet.v1.BackwardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,39 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFORESPONSE']._serialized_start=149
   _globals['_INFORESPONSE']._serialized_end=680
   _globals['_FORWARDREQUEST']._serialized_start=683
-  _globals['_FORWARDREQUEST']._serialized_end=920
-  _globals['_FORWARDRESPONSE']._serialized_start=922
-  _globals['_FORWARDRESPONSE']._serialized_end=1002
-  _globals['_BACKWARDREQUEST']._serialized_start=1005
-  _globals['_BACKWARDREQUEST']._serialized_end=1310
-  _globals['_BACKWARDRESPONSE']._serialized_start=1312
-  _globals['_BACKWARDRESPONSE']._serialized_end=1434
-  _globals['_INFERENCEREQUEST']._serialized_start=1437
-  _globals['_INFERENCEREQUEST']._serialized_end=1586
-  _globals['_AWAITPUSH']._serialized_start=1588
-  _globals['_AWAITPUSH']._serialized_end=1616
-  _globals['_OPENSESSION']._serialized_start=1619
-  _globals['_OPENSESSION']._serialized_end=1764
-  _globals['_STEP']._serialized_start=1767
-  _globals['_STEP']._serialized_end=2015
-  _globals['_NEXTHOP']._serialized_start=2017
-  _globals['_NEXTHOP']._serialized_end=2137
-  _globals['_PUSHREQUEST']._serialized_start=2139
-  _globals['_PUSHREQUEST']._serialized_end=2220
-  _globals['_PUSHACK']._serialized_start=2222
-  _globals['_PUSHACK']._serialized_end=2231
-  _globals['_INFERENCERESPONSE']._serialized_start=2233
-  _globals['_INFERENCERESPONSE']._serialized_end=2347
-  _globals['_SESSIONOPENED']._serialized_start=2349
-  _globals['_SESSIONOPENED']._serialized_end=2426
-  _globals['_STEPRESULT']._serialized_start=2429
-  _globals['_STEPRESULT']._serialized_end=2612
-  _globals['_MOVED']._serialized_start=2614
-  _globals['_MOVED']._serialized_end=2676
-  _globals['_ADOPTREQUEST']._serialized_start=2679
-  _globals['_ADOPTREQUEST']._serialized_end=2897
-  _globals['_ADOPTREPLY']._serialized_start=2899
-  _globals['_ADOPTREPLY']._serialized_end=2932
-  _globals['_SHARD']._serialized_start=2935
-  _globals['_SHARD']._serialized_end=3345
+  _globals['_FORWARDREQUEST']._serialized_end=937
+  _globals['_FORWARDRESPONSE']._serialized_start=939
+  _globals['_FORWARDRESPONSE']._serialized_end=1019
+  _globals['_BACKWARDREQUEST']._serialized_start=1022
+  _globals['_BACKWARDREQUEST']._serialized_end=1344
+  _globals['_BACKWARDRESPONSE']._serialized_start=1346
+  _globals['_BACKWARDRESPONSE']._serialized_end=1468
+  _globals['_INFERENCEREQUEST']._serialized_start=1471
+  _globals['_INFERENCEREQUEST']._serialized_end=1620
+  _globals['_AWAITPUSH']._serialized_start=1622
+  _globals['_AWAITPUSH']._serialized_end=1650
+  _globals['_OPENSESSION']._serialized_start=1653
+  _globals['_OPENSESSION']._serialized_end=1815
+  _globals['_STEP']._serialized_start=1818
+  _globals['_STEP']._serialized_end=2066
+  _globals['_NEXTHOP']._serialized_start=2068
+  _globals['_NEXTHOP']._serialized_end=2188
+  _globals['_PUSHREQUEST']._serialized_start=2190
+  _globals['_PUSHREQUEST']._serialized_end=2271
+  _globals['_PUSHACK']._serialized_start=2273
+  _globals['_PUSHACK']._serialized_end=2282
+  _globals['_INFERENCERESPONSE']._serialized_start=2284
+  _globals['_INFERENCERESPONSE']._serialized_end=2398
+  _globals['_SESSIONOPENED']._serialized_start=2400
+  _globals['_SESSIONOPENED']._serialized_end=2477
+  _globals['_STEPRESULT']._serialized_start=2480
+  _globals['_STEPRESULT']._serialized_end=2663
+  _globals['_MOVED']._serialized_start=2665
+  _globals['_MOVED']._serialized_end=2727
+  _globals['_ADOPTREQUEST']._serialized_start=2730
+  _globals['_ADOPTREQUEST']._serialized_end=2948
+  _globals['_ADOPTREPLY']._serialized_start=2950
+  _globals['_ADOPTREPLY']._serialized_end=2983
+  _globals['_SHARD']._serialized_start=2986
+  _globals['_SHARD']._serialized_end=3396
 # @@protoc_insertion_point(module_scope)
