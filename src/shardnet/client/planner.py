@@ -82,6 +82,19 @@ class RoutePlanner:
                 return "not enough free cache"
         return None
 
+    def holders(
+        self, start: int, end: int, needs: SessionNeeds, exclude: frozenset[str] = frozenset()
+    ) -> list[str]:
+        """Peer ids of the usable servers that hold every block ``start:end`` on their own."""
+        banned = self.health.banned()
+        return sorted(
+            view.record.peer_id
+            for view in self.view.snapshot().servers
+            if view.record.start <= start
+            and end <= view.record.end
+            and self._unusable_reason(view, needs, banned, exclude) is None
+        )
+
     def try_route(
         self, start: int, end: int, needs: SessionNeeds, exclude: frozenset[str] = frozenset()
     ) -> list[RouteHop] | None:

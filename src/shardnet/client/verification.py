@@ -123,7 +123,8 @@ def check_forward(
     blocks (``run``: a route and its input -> output); returns the output to go on with, which is the
     witness's when the hop was outvoted (and suspected)."""
     health, span, exclude = planner.health, (hop.start, hop.end), {hop.peer_id}
-    witness = planner.try_route(*span, SessionNeeds(), frozenset(exclude))
+    drawn = not_drawn(planner, span, SessionNeeds(), frozenset(exclude), random)
+    witness = planner.try_route(*span, SessionNeeds(), frozenset(exclude) | drawn)
     if witness is None:
         return claimed
     try:
@@ -137,7 +138,10 @@ def check_forward(
         return claimed
     health.count("disputes")
     witness_peers = frozenset(h.peer_id for h in witness)
-    third = planner.try_route(*span, SessionNeeds(), frozenset(exclude | witness_peers))
+    used = frozenset(exclude | witness_peers)
+    third = planner.try_route(
+        *span, SessionNeeds(), used | not_drawn(planner, span, SessionNeeds(), used, random)
+    )
     if third is None:
         logger.warning(
             "forward: %s and its witness %s disagree (relative error %.3g, tolerance %.3g) and no third "
@@ -165,6 +169,18 @@ def check_forward(
         health.count("recomputed")
         return reference
     return claimed
+
+
+def not_drawn(
+    planner: RoutePlanner, span: tuple[int, int], needs: SessionNeeds, exclude: frozenset[str], rng
+) -> frozenset[str]:
+    """The holders of the whole span to leave out so that one, drawn at random, is the witness. The
+    cheapest route would pick the same servers every time, and a liar that is never the cheapest would
+    never be asked. (When nobody holds the span alone: nothing left out, the cheapest chain serves.)"""
+    holders = planner.holders(*span, needs, exclude)
+    if not holders:
+        return frozenset()
+    return frozenset(holders) - {rng.choice(holders)}
 
 
 @dataclass(eq=False)
@@ -336,8 +352,9 @@ class Verifier:
                 )
             return None
         self._unverifiable.discard(span)
+        left_out = frozenset(exclude) | not_drawn(session.planner, span, needs, frozenset(exclude), self._rng)
         try:
-            witness = _Witness(session.sub_session(span, frozenset(exclude)))
+            witness = _Witness(session.sub_session(span, left_out))
         except ShardnetError as error:
             logger.info("session=%s: no witness for blocks %d:%d: %s", session.short_id, *span, error)
             return None
