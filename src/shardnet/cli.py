@@ -111,9 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    peers = initial_peers(args)
-    if not peers:
-        raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    peers = required_peers(args)
     check_model_folder(args.model)
     from shardnet.client.swarm_status import render_table, status_document
     from shardnet.client.swarm_view import SwarmView
@@ -132,10 +130,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_api(args: argparse.Namespace) -> int:
+def required_peers(args: argparse.Namespace) -> tuple[str, ...]:
+    """--initial-peers (or $SHARDNET_INITIAL_PEERS) of a command that joins a running swarm."""
     peers = initial_peers(args)
     if not peers:
         raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    return peers
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    peers = required_peers(args)
     check_model_folder(args.model)
     import torch
 
@@ -185,9 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    peers = initial_peers(args)
-    if not peers:
-        raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    peers = required_peers(args)
     check_model_folder(args.model)
     from shardnet.chat import ChatConfig, run_chat
 
@@ -235,9 +237,7 @@ def _exit_at_once(code: int) -> NoReturn:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    peers = initial_peers(args)
-    if not peers:
-        raise_config("--initial-peers is required (or set $SHARDNET_INITIAL_PEERS)")
+    peers = required_peers(args)
     check_model_folder(args.model)
     from shardnet.evaluation import EvalConfig, run_eval
 

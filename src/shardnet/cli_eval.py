@@ -7,15 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
+from shardnet.cli_types import positive_int
 
 
 def add_eval_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +29,10 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
         help="a folder of lm-eval task YAML files, besides lm-eval's catalogue (whose data sets need the hub)",
     )
     parser.add_argument(
-        "--limit", type=_positive_int, default=None, help="at most this many documents per task"
+        "--limit", type=positive_int, default=None, help="at most this many documents per task"
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=1, help="requests per forward pass (default 1)"
+        "--batch-size", type=positive_int, default=1, help="requests per forward pass (default 1)"
     )
     parser.add_argument(
         "--output-path",

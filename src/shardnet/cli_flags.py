@@ -12,6 +12,7 @@ from pathlib import Path
 
 from shardnet.cli_eval import add_eval_flags
 from shardnet.cli_policies import add_policy_flags, add_verify_flag
+from shardnet.cli_types import float_where, positive_int
 from shardnet.errors import ShardnetError
 from shardnet.version import versions_report
 
@@ -50,16 +51,6 @@ def _device(text: str) -> str:
         return parse_device(text)
     except ShardnetError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from exc
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
 
 
 def initial_peers(args: argparse.Namespace) -> tuple[str, ...]:
@@ -146,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = serve.add_mutually_exclusive_group()
     where.add_argument(
         "--num-blocks",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="serve N consecutive blocks where the swarm is weakest (fewest servers, then slowest), "
         "chosen from the DHT at start",
@@ -338,14 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
         "converted once into $SHARDNET_CACHE_DIR (default: the user cache folder)",
     )
     demo.add_argument(
-        "--servers", type=_positive_int, default=3, help="number of servers, blocks split evenly"
+        "--servers", type=positive_int, default=3, help="number of servers, blocks split evenly"
     )
     demo.add_argument("--prompt", default=None, help="the user message (default: how a rainbow forms)")
-    demo.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=128)
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     demo.add_argument(
         "--torch-threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="torch threads per server; default: each server chooses (server/compute_threads.py)",
     )
@@ -370,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peers(chat, required=True)
     _add_swarm_key(chat)
     chat.add_argument(
-        "--max-new-tokens", type=_positive_int, default=256, help="longest answer, tokens (default 256)"
+        "--max-new-tokens", type=positive_int, default=256, help="longest answer, tokens (default 256)"
     )
     chat.add_argument(
         "--temperature",
@@ -383,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument(
         "--max-length",
-        type=_positive_int,
+        type=positive_int,
         default=2048,
         help="positions one conversation may hold on the servers, prompts and answers together; "
         "/reset starts a new one (default 2048)",
@@ -401,20 +392,5 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _float_where(holds, wanted: str):
-    """An argparse type: a float for which ``holds(value)``, else an error saying it must be ``wanted``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not holds(value):  # NaN never holds
-            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
-        return value
-
-    return parse
-
-
-_non_negative_float = _float_where(lambda v: v >= 0, "a number >= 0")
-_probability = _float_where(lambda v: 0 < v <= 1, "a number in (0, 1]")
+_non_negative_float = float_where(lambda v: v >= 0, "a number >= 0")
+_probability = float_where(lambda v: 0 < v <= 1, "a number in (0, 1]")

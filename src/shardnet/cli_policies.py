@@ -8,25 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from shardnet.cli_types import float_where
 
-def _number(holds, wanted: str):
-    """An argparse type: a float for which ``holds(value)``, else an error saying it must be ``wanted``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not holds(value):  # NaN never holds
-            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
-        return value
-
-    return parse
-
-
-_level = _number(lambda v: 0 <= v <= 1, "a number in [0, 1]")
-_positive = _number(lambda v: v > 0, "a positive number of seconds")
-_period = _number(lambda v: v >= 0, "0 (never) or a positive number of seconds")
+_level = float_where(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_positive = float_where(lambda v: v > 0, "a positive number of seconds")
+_period = float_where(lambda v: v >= 0, "0 (never) or a positive number of seconds")
 
 
 def add_policy_flags(serve: argparse.ArgumentParser) -> None:
