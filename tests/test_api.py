@@ -323,6 +323,7 @@ def _served_models(base_url: str) -> list[str]:
         return [m["id"] for m in json.loads(response.read())["data"]]
 
 
+@pytest.mark.slow  # the default suite must stay under 10 minutes: README "Tests" says what covers it
 def test_api_command_serves_until_sigterm(swarm, smollm2_path):
     process = _shardnet(
         "api", "--model", str(smollm2_path), "--initial-peers", *swarm.initial_peers, "--port", "0",

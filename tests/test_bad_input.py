@@ -331,6 +331,7 @@ def test_a_flood_of_calls_is_resource_exhausted_then_served_again(llama_untied, 
         swarm.stop()
 
 
+@pytest.mark.slow  # the default suite must stay under 10 minutes: README "Tests" says what covers it
 def test_a_20_mib_prefill_goes_through_with_the_default_limits(tmp_path):
     """A 2048-token prefill of a 13B-class model is 20 MiB in float16 (hidden 5120). Here the same bytes:
     4 x 2048 positions of hidden 640 in float32 (20 MiB each way) through a server with default flags."""

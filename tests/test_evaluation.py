@@ -45,17 +45,17 @@ def figures(results: dict) -> dict:
 
 
 def test_shardnet_eval_equals_local_lm_eval_on_smollm2(smollm2_swarm, smollm2_path, tmp_path, capsys):
-    """What `shardnet eval --tasks ... --include-path benchmarks/eval --limit 8 --output-path OUT` runs (the
+    """What `shardnet eval --tasks ... --include-path benchmarks/eval --limit 4 --output-path OUT` runs (the
     command's flags are tested in tests/test_cli.py), against lm-eval's own local run."""
     out = tmp_path / "out"
     out.mkdir()
-    config = EvalConfig(smollm2_path, tuple(smollm2_swarm.initial_peers), tuple(TASKS), out, INCLUDE, limit=8)
+    config = EvalConfig(smollm2_path, tuple(smollm2_swarm.initial_peers), tuple(TASKS), out, INCLUDE, limit=4)
     run_eval(config)
     printed = capsys.readouterr()
     assert "|shardnet_facts    |" in printed.out and "Tasks" in printed.out  # lm-eval's table
     assert "warn" not in printed.err.lower(), printed.err[-3000:]
     swarm = figures(json.loads((out / "results.json").read_text())["results"])
-    assert swarm == local_figures(smollm2_path, 8)
+    assert swarm == local_figures(smollm2_path, 4)
     assert swarm[("shardnet_facts", "acc,none")] > 0.5  # the real model knows most of these facts
 
 
