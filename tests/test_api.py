@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -392,7 +393,7 @@ def test_demo_api_serves_then_stops_everything(tiny_with_tokenizer):
 
 
 def test_swarm_document_is_status_json_plus_the_route(gateway, swarm, client):
-    client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)  # some timings
+    reply = client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)  # some timings
     with urllib.request.urlopen(f"{gateway.url}/api/swarm", timeout=30) as response:
         document = json.loads(response.read())
     status = {"model_id", "architecture", "num_blocks", "servers", "blocks_without_online_server"}
@@ -400,7 +401,16 @@ def test_swarm_document_is_status_json_plus_the_route(gateway, swarm, client):
     assert document["num_blocks"] == 30 and document["blocks_without_online_server"] == []
     assert sorted(s["span"] for s in document["servers"]) == ["0:15", "15:30"]
     assert [hop["span"] for hop in document["route"]] == ["0:15", "15:30"]
-    assert document["recent"]["steps"] and len(document["recent"]["steps"][-1]) == 2
+    recent = document["recent"]
+    assert recent["steps"] and [hop["span"] for hop in recent["steps"][-1]["hops"]] == ["0:15", "15:30"]
+    assert recent["steps"][-1]["positions"] == 1 and recent["steps"][-1]["step_ms"] > 0
+    latest = recent["series"]["choices"][-1]
+    assert (
+        latest["tokens"] == reply.usage.completion_tokens
+        and latest["ttft_ms"] > 0
+        and latest["tokens_per_s"] > 0
+    )
+    assert {point["span"] for point in recent["series"]["hops"]} == {"0:15", "15:30"}
     for page, marker in (
         ("/", b"chat.js"),
         ("/swarm", b"swarm.js"),
@@ -408,3 +418,65 @@ def test_swarm_document_is_status_json_plus_the_route(gateway, swarm, client):
     ):
         with urllib.request.urlopen(f"{gateway.url}{page}", timeout=30) as response:
             assert marker in response.read()
+
+
+def _scrape(gateway) -> dict[tuple[str, tuple], float]:
+    """``curl`` of the gateway's /metrics, parsed by prometheus_client: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = subprocess.run(
+        ["curl", "-s", "--fail", f"{gateway.url}/metrics"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _moved(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_count_what_the_gateway_generated(client, gateway):
+    before = _scrape(gateway)
+    assert ("shardnet_api_failovers_total", ()) in before
+    assert ("shardnet_api_suspected_servers", ()) in before
+    messages = [{"role": "user", "content": "Name a colour."}]
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usages = [reply.usage, chunks[-1].usage]
+    urllib.request.urlopen(f"{gateway.url}/v1/models", timeout=30).close()
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{gateway.url}/no/such/page", timeout=30)
+    after = _scrape(gateway)
+
+    tokens = [u.completion_tokens for u in usages]
+    assert all(tokens), usages
+    assert _moved(before, after, "shardnet_api_generated_tokens_total") == sum(tokens)
+    assert _moved(before, after, "shardnet_api_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    chat = {"route": "/v1/chat/completions", "status": "200"}
+    assert _moved(before, after, "shardnet_api_requests_total", **chat) == 2
+    assert _moved(before, after, "shardnet_api_requests_total", route="/v1/models", status="200") == 1
+    assert _moved(before, after, "shardnet_api_requests_total", route="other", status="404") == 1
+    assert _moved(before, after, "shardnet_api_requests_total", route="/metrics", status="200") == 1
+    assert _moved(before, after, "shardnet_api_time_to_first_token_seconds_count") == len(usages)
+    assert _moved(before, after, "shardnet_api_inter_token_latency_seconds_count") == sum(
+        t - 1 for t in tokens
+    )
+    assert _moved(before, after, "shardnet_api_time_to_first_token_seconds_sum") > 0
+    assert _moved(before, after, "shardnet_api_failovers_total") == 0

@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI's ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` over a
-``ShardedModel``, plus the chat and swarm pages (``pages.py``).
+``ShardedModel``, plus the chat and swarm pages (``pages.py``) and Prometheus' ``/metrics`` (``metrics.py``).
 
 One function per route: validate, plan the generations, run them in a worker thread, answer with one JSON
 document or with server-sent events exactly as OpenAI streams them. A streaming request waits for its
@@ -17,15 +17,10 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from shardnet.gateway.activity import ChoiceReport, RecentActivity
 from shardnet.gateway.api_errors import APIError, bad_request, from_exception, install_handlers
-from shardnet.gateway.completions import (
-    ChoicePlan,
-    Delta,
-    Finish,
-    GenerationJob,
-    RecentActivity,
-    SamplingGate,
-)
+from shardnet.gateway.completions import ChoicePlan, Delta, Finish, GenerationJob, SamplingGate
+from shardnet.gateway.metrics import GatewayMetrics, add_metrics
 from shardnet.gateway.pages import add_pages
 from shardnet.gateway.schemas import (
     AssistantMessage,
@@ -63,7 +58,16 @@ class Gateway:
         self.created = now_s()
         self.gate = SamplingGate()
         self.activity = RecentActivity()
+        self.metrics = GatewayMetrics(model.health)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+
+    def choice_done(self, report: ChoiceReport) -> None:
+        """A choice ended (in a job's worker thread): count it and keep it for the swarm page."""
+        self.metrics.observe_choice(report)
+        self.activity.record(report)
+
+    def job(self, plan: ChoicePlan) -> GenerationJob:
+        return GenerationJob(self.model, self.tokenizer, plan, self.gate, self.choice_done)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -246,7 +250,7 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         prompt = gateway.chat_prompt(body)
         requested = body.max_completion_tokens or body.max_tokens
         plan = gateway.plan(body, [prompt], requested, DEFAULT_CHAT_MAX_TOKENS)
-        job = GenerationJob(model, tokenizer, plan, gateway.gate, gateway.activity)
+        job = gateway.job(plan)
         rid, created = new_id("chatcmpl"), now_s()
         if not body.stream:
             answers = await _answers(job, request, body.n)
@@ -294,7 +298,7 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         gateway.check_model(body.model)
         prompts = [gateway.text_prompt(text) for text in body.prompts]
         plan = gateway.plan(body, prompts, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS)
-        job = GenerationJob(model, tokenizer, plan, gateway.gate, gateway.activity)
+        job = gateway.job(plan)
         rid, created = new_id("cmpl"), now_s()
         prompt_tokens = sum(len(p) for p in prompts)  # counted once per prompt, whatever n
         total = len(prompts) * body.n
@@ -332,6 +336,7 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         )
 
     add_pages(app, gateway)
+    add_metrics(app, gateway.metrics)
 
     @app.exception_handler(Exception)
     async def _on_error(request: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,9 @@ streamer's ``put`` raise, so ``generate`` unwinds and its server session closes 
 
 Seeded sampling uses torch's global generator (``generate`` takes no generator), so a seeded request holds
 the sampling gate alone while it runs; unseeded sampling requests share it; greedy ones never wait.
+
+As each choice ends (before its Finish event), the job hands a ``ChoiceReport`` (its tokens' arrival times,
+route and session step timings) to its ``on_choice``: the gateway's metrics and swarm page read those.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers.generation import BaseStreamer
+
+from shardnet.gateway.activity import ChoiceReport
 
 logger = logging.getLogger(__name__)
 
@@ -81,46 +85,6 @@ class SamplingGate:
             self._cond.notify_all()
 
 
-class RecentActivity:
-    """The route and per-hop step timings of the latest generations, for the swarm page."""
-
-    def __init__(self, max_steps: int = 32):
-        self._lock = threading.Lock()
-        self._route: list[dict] = []
-        self._steps: deque[list[dict]] = deque(maxlen=max_steps)
-        self._finished_at: float | None = None
-
-    def record(self, route, step_timings) -> None:
-        hops = [
-            {
-                "span": f"{hop.start}:{hop.end}",
-                "peer_id": hop.peer_id,
-                "short_id": hop.server.short_id,
-                "address": hop.server.address,
-            }
-            for hop in route
-        ]
-        steps = [[_timing_ms(t) for t in step] for step in step_timings if step]
-        with self._lock:
-            self._route = hops
-            self._steps.extend(steps)
-            self._finished_at = time.time()
-
-    def document(self) -> dict:
-        with self._lock:
-            steps = list(self._steps)
-            return {"route": list(self._route), "steps": steps, "finished_at": self._finished_at}
-
-
-def _timing_ms(timing) -> dict:
-    return {
-        "total_ms": round(timing.total_s * 1e3, 3),
-        "server_compute_ms": round(timing.server_compute_s * 1e3, 3),
-        "wire_ms": round(getattr(timing, "wire_s", 0.0) * 1e3, 3),
-        "client_ms": round(timing.client_s * 1e3, 3),
-    }
-
-
 class _ChoiceStreamer(BaseStreamer):
     """Tokens of one choice -> text deltas; raises _Cancelled at a stop string or on cancel."""
 
@@ -131,6 +95,8 @@ class _ChoiceStreamer(BaseStreamer):
         self.cancel = cancel
         self.emit = emit
         self.ids: list[int] = []
+        self.began = time.perf_counter()  # the choice's start: made just before its session opens
+        self.offsets_s: list[float] = []  # per token in ids, seconds from began to its arrival
         self.sent = 0  # characters of the decoded text already emitted
         self.prompt_seen = False
         self.hit_stop = False
@@ -141,7 +107,10 @@ class _ChoiceStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate() puts the prompt first
             self.prompt_seen = True
             return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        tokens = [int(t) for t in value.reshape(-1).tolist()]
+        arrived_s = time.perf_counter() - self.began
+        self.ids.extend(tokens)
+        self.offsets_s.extend(arrived_s for _ in tokens)
         text = self._text()
         cut = _first_stop(text, self.stop)
         if cut is not None:
@@ -184,12 +153,19 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class GenerationJob:
     """One request's generations in a worker thread; ``events()`` yields Delta and Finish in order."""
 
-    def __init__(self, model, tokenizer, plan: ChoicePlan, gate: SamplingGate, activity: RecentActivity):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        plan: ChoicePlan,
+        gate: SamplingGate,
+        on_choice: Callable[[ChoiceReport], None],
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.plan = plan
         self.gate = gate
-        self.activity = activity
+        self.on_choice = on_choice  # called in the worker as each choice ends, before its Finish event
         self.cancel = threading.Event()
         self.eos_ids = _eos_ids(model, tokenizer)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -236,7 +212,7 @@ class GenerationJob:
                     for c in range(plan.n):
                         if self.cancel.is_set():
                             return
-                        self._one(p * plan.n + c, ids)
+                        self._one(p * plan.n + c, ids, prompt_tokens=len(ids) if c == 0 else 0)
             finally:
                 if sampling:
                     self.gate.release(exclusive)
@@ -245,22 +221,30 @@ class GenerationJob:
         finally:
             self._emit(None)
 
-    def _one(self, index: int, prompt: Sequence[int]) -> None:
+    def _one(self, index: int, prompt: Sequence[int], prompt_tokens: int) -> None:
+        """One choice; ``prompt_tokens``: what it adds to the prompt count (0 for a prompt's later choices)."""
         plan = self.plan
-        streamer = _ChoiceStreamer(self.tokenizer, index, plan.stop, self.cancel, self._emit)
         input_ids = torch.tensor([list(prompt)], dtype=torch.long)  # [1, prompt]
         kwargs: dict = {"max_new_tokens": plan.max_new_tokens, "do_sample": plan.temperature > 0}
         if plan.temperature > 0:
             kwargs.update(temperature=plan.temperature, top_p=plan.top_p, top_k=0)
-        began = time.perf_counter()
+        started_at = time.time()
+        streamer = _ChoiceStreamer(self.tokenizer, index, plan.stop, self.cancel, self._emit)
         try:
             with self.model.inference_session(max_length=len(prompt) + plan.max_new_tokens) as session:
                 try:
                     self.model.generate(
                         input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs
                     )
-                finally:
-                    self.activity.record(self.model.last_route, getattr(session, "step_timings", []))
+                finally:  # inside the session: hops still pending are filled in place when it closes
+                    report = ChoiceReport(
+                        started_at=started_at,
+                        token_offsets_s=tuple(streamer.offsets_s),
+                        prompt_tokens=prompt_tokens,
+                        route=self.model.last_route,
+                        steps=list(session.step_timings),
+                    )
+                    self.on_choice(report)
         except _Cancelled:
             if not streamer.hit_stop:
                 logger.info("generation cancelled after %d tokens (client gone)", len(streamer.ids))
@@ -273,7 +257,7 @@ class GenerationJob:
             "choice %d: %d tokens in %.2f s (%s)",
             index,
             len(streamer.ids),
-            time.perf_counter() - began,
+            time.perf_counter() - streamer.began,
             reason,
         )
         self._emit(Finish(index, reason, len(streamer.ids)))

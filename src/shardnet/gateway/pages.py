@@ -1,5 +1,12 @@
 """The gateway's web pages: a chat page at ``/`` and a swarm monitor at ``/swarm``, plain HTML/CSS/JS from
-``static/`` (no CDN), and ``/api/swarm``: ``shardnet status --json``'s document plus the route in use."""
+``static/`` (no CDN), and ``/api/swarm``: ``shardnet status --json``'s document plus the route in use and
+the gateway's recent activity.
+
+The swarm page draws from that document alone: a block map (``blockmap.js``, SVG: a bar per server over its
+span, coloured by state, shaded by the share of its cache in use, red where no online server holds a block),
+charts of the last minutes (``charts.js``, a hand-written canvas line chart: decode tokens/s and time to
+first token per answer, each hop's mean time over an answer's decode steps), the latest steps hop by hop,
+the servers, and the per-block table behind a details toggle."""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from shardnet.client.swarm_status import status_document
 from shardnet.errors import ShardnetError
+from shardnet.gateway.activity import route_hops
 
 logger = logging.getLogger(__name__)
 
@@ -20,23 +28,15 @@ STATIC = Path(__file__).parent / "static"
 
 
 def swarm_document(gateway) -> dict:
-    """``status --json`` for the gateway's model, plus the route a new request would take now and the
-    route and per-hop step timings of the latest generations."""
+    """``status --json`` for the gateway's model, plus the route a new request would take now and
+    ``recent`` (``RecentActivity.document()``): the latest route, steps hop by hop, and the charts' series."""
     model = gateway.model
     document = status_document(
         model.swarm.servers(), model.model_id, model.num_blocks, str(model.config.model_type)
     )
     document["model_name"] = gateway.model_name
     try:
-        document["route"] = [
-            {
-                "span": f"{hop.start}:{hop.end}",
-                "peer_id": hop.peer_id,
-                "short_id": hop.server.short_id,
-                "address": hop.server.address,
-            }
-            for hop in model.route()
-        ]
+        document["route"] = route_hops(model.route())
         document["route_error"] = None
     except ShardnetError as exc:
         document["route"] = []
