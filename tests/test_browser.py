@@ -1,9 +1,13 @@
-"""The gateway's pages in a real headless chromium (selenium): chat with a streamed answer, the swarm page
-listing every server. A 2-block random Llama with SmolLM2's tokenizer keeps the swarm quick to start."""
+"""The gateway's pages in a real headless chromium (selenium): chat with a streamed answer; the swarm page's
+block map with a bar over every server's span, its charts with points after a few generations, and its
+blocks table behind the details toggle. A 2-block random Llama with SmolLM2's tokenizer keeps the swarm
+quick to start. The screenshots go to docs/screenshots/ (committed; README "Three ways in" shows them)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,6 +40,7 @@ def browser():
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the pages' console, read by _no_errors
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
     yield driver
     driver.quit()  # also stops the chromedriver process
@@ -59,18 +64,53 @@ def gateway(smollm2_path, tmp_path_factory):
         swarm.stop()
 
 
-def _shot(driver, tmp_path: Path, name: str) -> None:
-    path = tmp_path / f"{name}.png"
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"  # committed: README shows them
+
+
+def _shot(driver, name: str) -> None:
+    """A screenshot of the whole page (the window grown to its height) into docs/screenshots/."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1200, max(900, int(height) + 140))  # + the window's frame
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
     driver.save_screenshot(str(path))
     print(f"screenshot: {path}")
 
 
-def test_chat_page_streams_an_answer_and_swarm_page_lists_servers(browser, gateway, tmp_path):
+def _no_errors(driver) -> None:
+    """Nothing went wrong in the page's scripts (or its fetches) since the last call."""
+    errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _chat(base_url: str, question: str, max_tokens: int) -> dict:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"{base_url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_chat_page_streams_an_answer(browser, gateway):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server, swarm = gateway
+    server, _ = gateway
+    browser.set_window_size(1200, 900)
     browser.get(f"{server.url}/")
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
@@ -83,13 +123,56 @@ def test_chat_page_streams_an_answer_and_swarm_page_lists_servers(browser, gatew
     assert answer.get_attribute("data-finish") in ("length", "stop")
     assert answer.text.strip(), "the streamed answer is empty"
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
-    _shot(browser, tmp_path, "chat")
+    _no_errors(browser)
+    _shot(browser, "chat")
 
+
+def _points(driver, chart: str) -> int:
+    from selenium.webdriver.common.by import By
+
+    return int(driver.find_element(By.ID, chart).get_attribute("data-points") or 0)
+
+
+def test_swarm_page_maps_every_server_and_charts_recent_generations(browser, gateway):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, _ = gateway
+    answers = [_chat(server.url, question, 6) for question in ("Hi", "What is a block?", "Count to three.")]
+    tokens = [a["usage"]["completion_tokens"] for a in answers]
+    assert all(t >= 2 for t in tokens), tokens  # each answer has a decode phase: a tokens/s point
+    status = _get_json(f"{server.url}/api/swarm")
+    spans = {s["peer_id"]: s["span"] for s in status["servers"]}
+    assert sorted(spans.values()) == ["0:1", "1:2"]
+
+    browser.set_window_size(1200, 900)
     browser.get(f"{server.url}/swarm")
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#servers tr.server")) == 2)
-    rows = browser.find_elements(By.CSS_SELECTOR, "#servers tr.server")
-    spans = sorted(row.find_elements(By.TAG_NAME, "td")[3].text for row in rows)
-    assert spans == ["0:1", "1:2"]
-    assert all(row.find_elements(By.TAG_NAME, "td")[1].text == "online" for row in rows)
+    wait = WebDriverWait(browser, 60)
+
+    def bars(driver) -> dict[str, str]:
+        found = driver.find_elements(By.CSS_SELECTOR, "#blockmap rect.bar")
+        return {bar.get_attribute("data-peer"): bar.get_attribute("data-span") for bar in found}
+
+    wait.until(lambda d: bars(d) == spans)
+    states = {
+        b.get_attribute("data-state") for b in browser.find_elements(By.CSS_SELECTOR, "#blockmap rect.bar")
+    }
+    assert states == {"online"}
+    assert not browser.find_elements(By.CSS_SELECTOR, "#blockmap rect.gap")  # every block is held
+    wait.until(lambda d: _points(d, "chart-tokens") >= 3 and _points(d, "chart-ttft") >= 3)
+    wait.until(lambda d: _points(d, "chart-hops") >= 2 * 3)  # a line per span, a point per answer
+    steps = browser.find_elements(By.CSS_SELECTOR, "#steps tr.step")
+    assert steps
+    for hop in browser.find_elements(By.CSS_SELECTOR, "#steps .hop"):
+        assert "pending" in hop.text or " / " in hop.text, hop.text
     assert "0:1" in browser.find_element(By.ID, "route").text
-    _shot(browser, tmp_path, "swarm")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#servers tr.server")) == 2
+    assert not browser.find_element(By.ID, "blocks").is_displayed()  # behind the details toggle
+    _shot(browser, "swarm")
+
+    browser.find_element(By.CSS_SELECTOR, "#block-details summary").click()
+    wait.until(lambda d: d.find_element(By.ID, "blocks").is_displayed())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#blocks tr.block")
+    assert [row.find_elements(By.TAG_NAME, "td")[2].text for row in rows] == ["yes", "yes"]
+    _no_errors(browser)
+    _shot(browser, "swarm-details")
