@@ -4,7 +4,9 @@
 
 Prints one JSON line for local transformers and one per swarm layout (tokens/s of the decode phase,
 time to first token, inter-token latency p50/p95, per-hop overhead, and the per-hop split of a decode
-step into client encode/decode, wire and server compute). Greedy, no EOS, so every run makes exactly
+step along its critical path: network into the hop, the server's queue and compute, the return to the
+client, as ``session.step_timings`` has them (client/timings.py); ``critical_path_vs_step`` is their sum
+over the step's measured time, 1.0 when they account for all of it). Greedy, no EOS, so every run makes exactly
 --new-tokens tokens; the swarm line says whether its tokens equal the local ones, its speed against
 local (``speed_vs_local``), a bare gRPC round trip to one of its servers (``bare_grpc_rtt_ms``, an Info
 call) and the per-hop budget: what a decode step costs beyond its servers' compute, per hop, less that
@@ -88,27 +90,35 @@ def bench_local(
     return fields, tokens
 
 
-def hop_split(steps: list[list], spans: list[str]) -> list[dict]:
-    """Mean per hop over decode steps, in ms: client encode/decode, gRPC + network, server-side
-    checks/decode/encode, server compute (the last two as the server reports them)."""
+HOP_PARTS = ("network_s", "queue_s", "compute_s", "return_s")  # client/timings.py: they add up to the step
+
+
+def hop_split(steps: list, spans: list[str]) -> list[dict]:
+    """Mean per hop over decode steps (``StepTiming``s, none pending), in ms: the network into the hop,
+    the server's queue and compute, and the return to the client where the client waits on this hop."""
     split = []
     for index, span in enumerate(spans):
-        hops = [step[index] for step in steps]
+        hops = [step.hops[index] for step in steps]
 
         def mean_ms(name: str, hops: list = hops) -> float:
             return harness.ms(sum(getattr(hop, name) for hop in hops) / len(hops))
 
         split.append(
-            {
-                "span": span,
-                "total_ms": mean_ms("total_s"),
-                "client_ms": mean_ms("client_s"),
-                "wire_ms": mean_ms("wire_s"),
-                "server_io_ms": mean_ms("server_io_s"),
-                "server_compute_ms": mean_ms("server_compute_s"),
-            }
+            {"span": span, **{name.replace("_s", "_ms"): mean_ms(name) for name in HOP_PARTS}}
+            | {"total_ms": mean_ms("total_s")}
         )
     return split
+
+
+def step_fields(steps: list) -> dict:
+    """The decode steps' measured time against their hops' parts added up (the critical path)."""
+    step_ms = harness.ms(harness.median([step.step_s for step in steps]))
+    path_ms = harness.ms(harness.median([step.critical_path_s for step in steps]))
+    return {
+        "step_ms": step_ms,
+        "critical_path_ms": path_ms,
+        "critical_path_vs_step": round(path_ms / step_ms, 3),
+    }
 
 
 def bench_swarm(
@@ -162,8 +172,8 @@ def bench_client(model_path, swarm, spans, prompt, args, push: bool) -> tuple[di
             max_length = ids.shape[1] + new_tokens
             with model.inference_session(max_length=max_length) as conversation:
                 out = model.generate(ids, max_new_tokens=new_tokens, streamer=streamer, **GREEDY)
-                if streamer is not None:  # timed run: keep its decode steps (step 0 is the prefill)
-                    decode_steps.extend(conversation.step_timings[1:])
+            if streamer is not None:  # timed run: its decode steps (step 0 is the prefill), once closing
+                decode_steps.extend(conversation.step_timings[1:])  # read the answers still owed
             return out
 
         runs, tokens = timed_runs(generate, prompt, args)
@@ -176,8 +186,11 @@ def bench_client(model_path, swarm, spans, prompt, args, push: bool) -> tuple[di
         hops=len(route),
         push=push,
         **speed_fields(runs, args.batch),
-        hop_split=hop_split(decode_steps, harness.span_names(route)) if decode_steps else [],
     )
+    timed = [step for step in decode_steps if not step.pending and len(step.hops) == len(route)]
+    if timed:
+        fields.update(step_fields(timed), hop_split=hop_split(timed, harness.span_names(route)))
+    fields["steps_timed"] = f"{len(timed)}/{len(decode_steps)}"  # the rest: pending, or rerouted
     return fields, tokens
 
 
@@ -192,9 +205,9 @@ def plot(results: list[dict], path: Path) -> None:
     speed.set_ylabel("decode tokens/s")
     speed.set_ylim(bottom=0)
     speed.legend()
-    labels, parts = [], {"client_ms": [], "wire_ms": [], "server_io_ms": [], "server_compute_ms": []}
+    labels, parts = [], {name.replace("_s", "_ms"): [] for name in HOP_PARTS}
     for r in swarms:
-        for hop in r["hop_split"]:
+        for hop in r.get("hop_split", []):
             labels.append(f"{r['servers']}srv\n{hop['span']}")
             for name in parts:
                 parts[name].append(hop[name])
@@ -245,12 +258,11 @@ def main() -> None:
 def emit_swarm(results, local, common, fields, tokens, local_tokens, args) -> None:
     """One swarm line: its speed, the overhead per hop over local transformers, where the step's time went."""
     overhead_ms = (fields["decode_step_ms"] - local["decode_step_ms"]) / fields["hops"]
-    in_hops_ms = sum(hop["total_ms"] for hop in fields["hop_split"])
-    compute_ms = sum(hop["server_compute_ms"] for hop in fields["hop_split"])
-    # The per-hop budget: the chain's time (the client sending the step to the last reply read: the
-    # longest hop, under push) beyond its servers' compute, per hop, less one bare gRPC round trip.
-    chain_ms = max((hop["total_ms"] for hop in fields["hop_split"]), default=0.0)
-    beyond_ms = (chain_ms - compute_ms) / fields["hops"] - fields["bare_grpc_rtt_ms"]
+    in_hops_ms = fields.get("step_ms", 0.0)  # the steps through the servers, as the client measured them
+    compute_ms = sum(hop["compute_ms"] for hop in fields.get("hop_split", []))
+    # The per-hop budget: the step through the chain (the client sending it to holding its output) beyond
+    # its servers' compute, per hop, less one bare gRPC round trip.
+    beyond_ms = (in_hops_ms - compute_ms) / fields["hops"] - fields["bare_grpc_rtt_ms"]
     result = harness.record(
         "hops",
         kind="swarm",

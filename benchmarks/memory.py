@@ -138,7 +138,7 @@ def run_spans(args: argparse.Namespace) -> None:
 
 
 def decode_steps(swarm: LocalSwarm, span_: tuple[int, int], hidden_size: int, steps: int) -> list:
-    """Time ``steps`` single-token steps of one hop; returns each step's HopTiming."""
+    """Time ``steps`` single-token steps of one hop; returns each step's StepTiming."""
     transport = Transport(64 << 20)
     view = SwarmView.connect(swarm.model_path, swarm.initial_peers, transport=transport)
     config = ClientConfig(dtype=torch.bfloat16, request_timeout_s=600)
@@ -155,7 +155,7 @@ def decode_steps(swarm: LocalSwarm, span_: tuple[int, int], hidden_size: int, st
                 )  # [batch, new, hidden]
                 session.step(hidden, None, torch.tensor([[index]]))
                 if index:
-                    timings.extend(session.last_timings)
+                    timings.append(session.last_timing)
     finally:
         view.close()
         transport.close()
@@ -187,9 +187,9 @@ def run_13b(args: argparse.Namespace) -> None:
         loaded = memory_fields(pid, weights)
         timings = decode_steps(swarm, args.blocks, shape["hidden_size"], args.steps)
         peak_after_decode = harness.peak_rss_bytes(pid)
-    totals = [t.total_s for t in timings]
-    compute = [t.server_compute_s for t in timings]
-    client = [getattr(t, "client_s", 0.0) for t in timings]
+    totals = [t.step_s for t in timings]
+    compute = [t.hops[0].compute_s for t in timings]
+    network = [t.hops[0].network_s + t.hops[0].return_s for t in timings]  # there and back
     result = harness.record(
         "memory.13b_shaped",
         model="llama-2-13b-shaped-random",
@@ -205,7 +205,7 @@ def run_13b(args: argparse.Namespace) -> None:
         step_ms_p50=harness.ms(harness.median(totals)),
         step_ms_p95=harness.ms(harness.percentile(totals, 95)),
         server_compute_ms_p50=harness.ms(harness.median(compute)),
-        client_ms_p50=harness.ms(harness.median(client)),
+        network_ms_p50=harness.ms(harness.median(network)),
         checkpoint_shards_present=f"{on_disk['shards_present']}/{on_disk['shards_total']}",
         checkpoint_gib_on_disk=round(on_disk["bytes_present"] / (1 << 30), 2),
         checkpoint_gib_full=round(on_disk["total_bytes"] / (1 << 30), 2),

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import harness
 
+NEW_PARTS = ("network_ms", "queue_ms", "compute_ms", "return_ms")  # hops.py's split (client/timings.py)
+OLD_PARTS = ("client_ms", "wire_ms", "server_io_ms", "server_compute_ms")  # results before 2026-12-05
+
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
     """Per model: the swarm lines of a hops.py run, each with ratio = swarm / local tokens per second."""
@@ -30,17 +33,20 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
 
 
 def table(by_model: dict[str, list[dict]]) -> str:
+    first = next(
+        (line["hop_split"][0] for lines in by_model.values() for line in lines if line.get("hop_split")), {}
+    )
+    keys = NEW_PARTS if "network_ms" in first else OLD_PARTS  # runs before step timings were split as now
     rows = [
         "| model | servers | swarm tok/s | local tok/s | ratio | per-hop overhead ms | "
-        "per hop: client / wire / server io / compute ms | tokens match |",
+        f"per hop: {' / '.join(key.removesuffix('_ms').replace('_', ' ') for key in keys)} ms | tokens match |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, lines in by_model.items():
         for line in lines:
-            hops = line["hop_split"]
+            hops = line.get("hop_split", [])
             split = " / ".join(
-                f"{sum(hop[key] for hop in hops) / len(hops):.2f}"
-                for key in ("client_ms", "wire_ms", "server_io_ms", "server_compute_ms")
+                f"{sum(hop.get(key, 0.0) for hop in hops) / max(len(hops), 1):.2f}" for key in keys
             )
             rows.append(
                 f"| {model} | {line['servers']} | {line['tokens_per_s']:.1f} | {line['local_tokens_per_s']:.1f} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,13 @@ def no_transformers_deprecations():
         and not message.startswith(hf_compat.ASSISTED_DECODING_NOISE)
     ]
     assert not deprecations, f"transformers logged deprecations: {deprecations}"
+
+
+def free_port() -> int:
+    """A port nothing listens on now, on 127.0.0.1 (for a flag that needs a fixed port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def make_llama(path: Path, seed: int = 0, max_shard_size: str = "1GB", **overrides) -> Path:

@@ -18,13 +18,7 @@ import torch
 from shardnet import ShardedModel
 from shardnet.launch import LocalSwarm
 
-from .conftest import reference, serving_process, shardnet_status
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from .conftest import free_port, reference, serving_process, shardnet_status
 
 
 class _Forward(socketserver.BaseRequestHandler):

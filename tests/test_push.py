@@ -4,9 +4,15 @@ The client sends a step to the first server of the route only; the others get it
 before them and answer the client on their own streams (whose replies are the replay history). The
 tokens must equal local transformers', with push on or off, with beams, and across a kill -9 of the
 middle server mid-generation.
+
+What such a swarm reports is tested on it too: the per-hop timings of each step (network, queue, compute,
+return), which must add up to the step's measured time, and each server's Prometheus ``/metrics``, which
+must count what the client did.
 """
 
 from __future__ import annotations
+
+import subprocess
 
 import grpc
 import pytest
@@ -17,7 +23,7 @@ from shardnet.launch import LocalSwarm
 from shardnet.wire import pb, pb_grpc
 from shardnet.wire.tensors import serialize
 
-from .conftest import OnToken, reference
+from .conftest import OnToken, free_port, reference
 
 NEW_TOKENS = 16
 
@@ -29,11 +35,18 @@ def local(llama_untied):
 
 @pytest.fixture(scope="module")
 def shared(llama_untied, tmp_path_factory):
-    """A 3-server swarm for the tests that leave every server running."""
+    """A 3-server swarm for the tests that leave every server running; each exposes ``/metrics``
+    (``metrics_ports``, in span order)."""
+    ports = [free_port() for _ in range(3)]
     local_swarm = LocalSwarm(
-        llama_untied, [(0, 2), (2, 4), (4, 6)], log_dir=tmp_path_factory.mktemp("push_logs"), torch_threads=1
+        llama_untied,
+        [(0, 2), (2, 4), (4, 6)],
+        log_dir=tmp_path_factory.mktemp("push_logs"),
+        torch_threads=1,
+        server_args=[["--metrics-port", str(port)] for port in ports],
     )
     local_swarm.start(timeout_s=180)
+    local_swarm.metrics_ports = ports
     yield local_swarm
     local_swarm.stop()
 
@@ -164,3 +177,87 @@ def test_a_repeated_prompt_prefix_is_reused_on_every_hop_and_stays_exact(shared,
 def _info(port: int) -> pb.InfoResponse:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         return pb_grpc.ShardStub(channel).Info(pb.InfoRequest(), timeout=10)
+
+
+def test_per_hop_timings_add_up_to_the_step_under_push(shared):
+    """Each step's hops (network into the hop, queue, compute, return to the client) add up to the step's
+    time as the client measured it; the answers the client has not read yet are pending, not zero."""
+    ids, _ = _prompt(1, seed=5)
+    # No verification: a check reads every answer of the step it checks (client/verification.py).
+    with ShardedModel.from_pretrained(shared.model_path, shared.initial_peers, verify_fraction=0) as model:
+        with model.inference_session(max_length=64) as session:
+            model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+            spans = [f"{hop.start}:{hop.end}" for hop in session.route]
+            last = session.step_timings[-1].as_ms()  # answers not read yet (a race) show as pending
+            assert all((hop["total_ms"] is None) == hop["pending"] for hop in last["hops"])
+            assert (last["critical_path_ms"] is None) == last["pending"]
+        steps = session.step_timings  # the session read its owed answers when it closed
+    assert len(steps) == NEW_TOKENS and spans == ["0:2", "2:4", "4:6"]
+    for step in steps:
+        assert not step.pending and [hop.span for hop in step.hops] == spans
+        for hop in step.hops:
+            assert min(hop.network_s, hop.queue_s, hop.return_s) >= 0 and hop.compute_s > 0
+        assert [hop.return_s > 0 for hop in step.hops] == [False, False, True]  # the client waits on the last
+    decode = steps[1:]
+    ratio = sum(step.critical_path_s for step in decode) / sum(step.step_s for step in decode)
+    assert 0.9 <= ratio <= 1.1, [
+        (round(s.step_s * 1e3, 2), round(s.critical_path_s * 1e3, 2)) for s in decode
+    ]
+
+
+def test_each_server_s_metrics_count_what_the_client_did(shared):
+    """``curl`` of every server's /metrics parses as Prometheus text; one generation moves the steps,
+    tokens, pushes, latency histograms and sessions by exactly what the client sent; a refusal is counted
+    under its status code."""
+    ids, mask = _prompt(2, seed=6)
+    before = [scrape(port) for port in shared.metrics_ports]
+    with ShardedModel.from_pretrained(shared.model_path, shared.initial_peers) as model:
+        with model.inference_session(max_length=64) as session:
+            model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert len(session.route) == 3
+        steps = session.step_timings
+    address = f"127.0.0.1:{shared.online_ports().pop()}"
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.ShardStub(channel).Push(
+            pb.PushRequest(push_token=b"guess" * 4, step=pb.Step(step_id=1)), timeout=10
+        )
+    after = [scrape(port) for port in shared.metrics_ports]
+    tokens = sum(2 * step.positions for step in steps)  # batch 2
+    for index, (old, new) in enumerate(zip(before, after, strict=True)):
+        moved = {name: new.get(name, 0.0) - old.get(name, 0.0) for name in new}
+        assert moved["shardnet_server_steps_total"] == len(steps)
+        assert moved["shardnet_server_tokens_total"] == tokens
+        assert moved["shardnet_server_step_queue_seconds_count"] == len(steps)
+        assert moved["shardnet_server_step_compute_seconds_count"] == len(steps)
+        pushes = len(steps) if index < 2 else 0
+        assert moved["shardnet_server_pushes_total"] == pushes
+        assert moved["shardnet_server_step_push_seconds_count"] == pushes
+        assert moved["shardnet_server_sessions_served_total"] == 1
+        assert new["shardnet_server_decode_batch_rows_count"] > old.get(
+            "shardnet_server_decode_batch_rows_count", 0
+        )
+        assert new['shardnet_server_state{shardnet_server_state="online"}'] == 1
+    refused = 'shardnet_server_errors_total{code="FAILED_PRECONDITION",rpc="Push"}'
+    assert (
+        sum(new.get(refused, 0.0) - old.get(refused, 0.0) for old, new in zip(before, after, strict=True))
+        == 1
+    )
+
+
+def scrape(port: int) -> dict[str, float]:
+    """``curl`` a server's /metrics, parsed with prometheus_client's parser: sample (with its labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = subprocess.run(
+        ["curl", "-sf", f"http://127.0.0.1:{port}/metrics"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

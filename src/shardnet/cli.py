@@ -101,6 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         headroom_off=args.headroom_off,
         headroom_window_s=args.headroom_window,
         rebalance_period_s=args.rebalance_period,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     from shardnet.server.app import run_server  # after the flags are checked: a bad one fails at once
 

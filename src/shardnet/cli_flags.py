@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from shardnet.cli_eval import add_eval_flags
+from shardnet.cli_metrics import add_metrics_flags
 from shardnet.cli_policies import add_policy_flags, add_verify_flag
 from shardnet.cli_types import float_where, positive_int
 from shardnet.errors import ShardnetError
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(for comparison; batching gives the same outputs)",
     )
     add_policy_flags(serve)
+    add_metrics_flags(serve)
 
     status = sub.add_parser("status", help="show which servers hold which blocks, their state and load")
     status.add_argument(

@@ -19,10 +19,10 @@ import torch
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
-from shardnet.client.hop_stream import HopTiming
 from shardnet.client.remote_cache import RemoteCache
 from shardnet.client.routing import RouteHop
 from shardnet.client.session import InferenceSession
+from shardnet.client.timings import StepTiming
 from shardnet.errors import GenerationError
 from shardnet.models.hf_compat import cache_kwargs
 
@@ -41,7 +41,7 @@ class Conversation:
         self.max_length = max_length
         self.ids: torch.Tensor | None = None  # [batch, seen] every token so far, sent or pending
         self.mask: torch.Tensor | None = None  # [batch, seen] 0/1 padding mask of those tokens
-        self.step_timings: list[list[HopTiming]] = []  # per step, where each hop's time went
+        self.step_timings: list[StepTiming] = []  # per step, where each hop's time went
         self.cache = self._new_cache()
         self.closed = False
 

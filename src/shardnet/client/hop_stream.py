@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from dataclasses import dataclass
 
 import grpc
 import torch
 
 from shardnet.client.failover import RECENT_SMOOTHING
-from shardnet.client.replies import STREAM_ENDED, ReplyBoard
+from shardnet.client.replies import STREAM_ENDED, Posted, ReplyBoard
 from shardnet.client.routing import RouteHop
+from shardnet.client.timings import ChainClock, HopTiming
 from shardnet.client.transport import Transport
 from shardnet.errors import RemoteError, StepTimeoutError
 from shardnet.wire import pb
@@ -28,26 +28,6 @@ from shardnet.wire.tensors import deserialize, serialize
 
 logger = logging.getLogger(__name__)
 _END = None  # put on a request queue to half-close its stream
-
-
-@dataclass
-class HopTiming:
-    """Where one step's time went on one hop, in seconds."""
-
-    total_s: float = 0.0  # client encode start -> reply decoded
-    server_compute_s: float = 0.0  # the server's own report of running its blocks
-    client_s: float = 0.0  # encoding the request and decoding the reply on the client
-    server_handle_s: float = 0.0  # the server's report: request decoded -> reply encoded, with compute
-
-    @property
-    def server_io_s(self) -> float:
-        """Server-side checks, decode and encode around the compute."""
-        return max(self.server_handle_s - self.server_compute_s, 0.0)
-
-    @property
-    def wire_s(self) -> float:
-        """The rest: gRPC on both sides (threads, HTTP/2, protobuf bytes) and the network."""
-        return max(self.total_s - self.server_handle_s - self.client_s, 0.0)
 
 
 def optional_tensors(mask: torch.Tensor | None, positions: torch.Tensor | None, limit: int) -> dict:
@@ -131,10 +111,13 @@ class SpanStream:
 
     def receive(self, deadline: float) -> pb.InferenceResponse:
         """The next reply, waiting until ``deadline`` (``time.monotonic()``)."""
+        return self.reply_of(self._next_posted(deadline).item)
+
+    def _next_posted(self, deadline: float) -> Posted:
         posted = self.board.wait([self], deadline)
         if posted is None:
             raise StepTimeoutError(f"{self.peer}: no reply within its budget")
-        return self.reply_of(posted[1])
+        return posted
 
     def reply_of(self, item: object) -> pb.InferenceResponse:
         """What the board posted for this stream, as a reply or a typed error."""
@@ -197,12 +180,20 @@ class SpanStream:
         sent = time.perf_counter()
         deadline = time.monotonic() + budget_s
         while True:
-            result = self.step_result(self.receive(deadline), step.step_id)
+            posted = self._next_posted(deadline)
+            result = self.step_result(self.reply_of(posted.item), step.step_id)
             if result is not None:
                 break
-        out, timing = self.accept(result, hidden.shape[1], began)
-        timing.client_s += sent - began  # encoding the request
+        out = self.accept(result, hidden.shape[1])
+        timing = self.new_timing()
+        clock = ChainClock([timing], began, lambda peer_id: None)  # its own round trip is measured here
+        clock.sent(0, sent)
+        clock.answered(0, result, posted.arrived, time.perf_counter())
         return out, timing
+
+    def new_timing(self) -> HopTiming:
+        """This hop's share of a step, not known yet."""
+        return HopTiming(span=f"{self.hop.start}:{self.hop.end}", peer_id=self.hop.peer_id)
 
     # ---- push mode: the server before this one sends the step, this stream only gets the reply ----
 
@@ -236,27 +227,20 @@ class SpanStream:
             raise NotPushedError(f"{self.peer}: step {step_id} was not pushed here: {reply.step.push_error}")
         return reply.step
 
-    def accept(self, result: pb.StepResult, new: int, began: float) -> tuple[torch.Tensor, HopTiming]:
-        """The output of a step this server answered; its cache now holds ``new`` more positions."""
-        received = time.perf_counter()
+    def accept(self, result: pb.StepResult, new: int) -> torch.Tensor:
+        """The output [batch, new, hidden] of a step this server answered; its cache now holds ``new``
+        more positions."""
         self.position += new
         self.pending_rows = None
         self.awaiting = None
         out = deserialize(result.hidden_states)
-        done = time.perf_counter()
         handle_s = max(result.handle_s, result.compute_s)  # an older server reports no handle_s
         per_position = handle_s / max(new, 1)
         if self.recent_s is None:
             self.recent_s = per_position
         else:
             self.recent_s += RECENT_SMOOTHING * (per_position - self.recent_s)
-        timing = HopTiming(
-            total_s=done - began,
-            server_compute_s=result.compute_s,
-            client_s=done - received,
-            server_handle_s=handle_s,
-        )
-        return out, timing
+        return out
 
     def step_chunked(
         self,

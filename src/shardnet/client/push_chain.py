@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from shardnet.client.failover import Failover
-from shardnet.client.hop_stream import HopTiming, NotPushedError, SessionMovedError, SpanStream
+from shardnet.client.hop_stream import NotPushedError, SessionMovedError, SpanStream
+from shardnet.client.timings import ChainClock
 from shardnet.errors import SessionExpiredError, ShardnetError, StepTimeoutError
 
 if TYPE_CHECKING:
@@ -58,12 +59,14 @@ class PushedStep:
         self.recorded = [False] * count  # this step's input is in the hop's replay history
         self.failed: list[ShardnetError | None] = [None] * count  # a failure not acted on yet
         self.undelivered = [False] * count  # the hop awaits the step but nobody pushed it
-        self.timings = [HopTiming() for _ in hops]  # filled in place as answers are read
+        self.timings = [hop.stream.new_timing() for hop in hops]  # filled in place as answers are read
+        self.clock = ChainClock(self.timings, self.began, session.health.rtt)
         self._outputs: list[torch.Tensor | None] = [None] * count
         self._since: dict[int, float] = {}  # hop -> when the chain started waiting on it
         streams = self.streams
         self.route = [stream.await_push() for stream in streams[1:]]  # told before the push can reach them
         first = streams[0].build_step(hidden, mask, positions, push=self.route)
+        self.clock.sent(0, time.perf_counter())
         streams[0].send(first)
         self.step_ids = [first.step_id, *(entry.step_id for entry in self.route)]
 
@@ -84,6 +87,25 @@ class PushedStep:
         while not all(self.settled):
             self._advance(self.settled.index(False))
         self._record()
+
+    def read_late_answers(self, deadline: float) -> None:
+        """When the session closes: read the owed answers already come (or coming by ``deadline``,
+        ``time.monotonic()``) for their hops' timings only; nothing is replaced, delivered or recorded."""
+        while not all(self.settled):
+            listening = [self.streams[j] for j in range(len(self.hops)) if not self.settled[j]]
+            posted = self._session.board.wait(listening, deadline)
+            if posted is None:
+                return
+            index = self.streams.index(posted.stream)
+            stream = self.streams[index]
+            try:
+                result = stream.step_result(stream.reply_of(posted.item), self.step_ids[index])
+            except ShardnetError:
+                self.settled[index] = True  # nothing to time; the session is closing anyway
+                continue
+            if result is not None:
+                self.settled[index] = True
+                self.clock.answered(index, result, posted.arrived, time.perf_counter())
 
     @property
     def output(self) -> torch.Tensor:
@@ -106,10 +128,9 @@ class PushedStep:
         if posted is None:
             self._fail_over(frontier, StepTimeoutError(f"{hop.stream.peer}: no answer within {budget:.1f}s"))
             return
-        stream, item = posted
-        self._heard(self.streams.index(stream), item)
+        self._heard(self.streams.index(posted.stream), posted.item, posted.arrived)
 
-    def _heard(self, index: int, item: object) -> None:
+    def _heard(self, index: int, item: object, arrived: float) -> None:
         stream = self.streams[index]
         try:
             result = stream.step_result(stream.reply_of(item), self.step_ids[index])
@@ -125,8 +146,8 @@ class PushedStep:
             return
         if result is None:  # a late answer to an earlier step
             return
-        out, timing = stream.accept(result, self.new, self.began)
-        self.timings[index].__dict__.update(vars(timing))  # the session's last_timings hold these objects
+        out = stream.accept(result, self.new)
+        self.clock.answered(index, result, arrived, time.perf_counter())
         self._settle(index, out)
         if result.push_error and index + 1 < len(self.hops) and not self.settled[index + 1]:
             self._failover.broken_link(self.hops[index].hop, self.hops[index + 1].hop, result.push_error)
@@ -149,6 +170,7 @@ class PushedStep:
                 step = stream.build_step(self.inputs[index], self._mask, self._positions, push=rest)
                 self.step_ids[index] = step.step_id
                 self._since.pop(index, None)  # its budget starts now
+                self.clock.sent(index, time.perf_counter())
                 try:
                     stream.send(step)
                 except ShardnetError as error:
@@ -170,6 +192,7 @@ class PushedStep:
             return
         step = adopted.stream.build_step(self.inputs[0], self._mask, self._positions, push=self.route)
         self.step_ids[0] = step.step_id
+        self.clock.sent(0, time.perf_counter())
         try:
             adopted.stream.send(step)
         except ShardnetError as error:
@@ -179,7 +202,9 @@ class PushedStep:
         """Replace hop ``index`` (charged to the step's failover budget) and go on from its output."""
         self.failed[index] = None
         self._failover.failed(self.hops[index].hop, error)
+        began = time.perf_counter()
         out = self._session.replace_hop(self.hops[index], self.inputs[index], self._failover)
+        self.clock.failed_over(index, began, time.perf_counter())
         self.replaced[index] = True
         self._settle(index, out[:, -self.new :])
         if index + 1 < len(self.hops) and not self.settled[index + 1]:

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from shardnet.client.hop_stream import HopTiming
 from shardnet.client.routing import RouteHop
 from shardnet.client.session import InferenceSession
+from shardnet.client.timings import StepTiming
 from shardnet.errors import GenerationError
 from shardnet.models.hf_compat import TensorlessCache
 
@@ -29,7 +29,7 @@ class RemoteCache(TensorlessCache):
         self,
         open_chain: Callable[[int, int], InferenceSession],
         max_length: int | None = None,
-        timings: list[list[HopTiming]] | None = None,
+        timings: list[StepTiming] | None = None,
     ):
         super().__init__()
         self._open_chain = open_chain
@@ -113,7 +113,7 @@ class RemoteCache(TensorlessCache):
         if mask is not None and bool((mask == 0).any()):
             self.padded = True
         out = self.chain.step(hidden, mask if self.padded else None, positions)
-        self.step_timings.append(self.chain.last_timings)
+        self.step_timings.append(self.chain.last_timing)
         return out
 
     @property

@@ -13,15 +13,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import grpc
 
 STREAM_ENDED = object()  # posted when a stream ends without an error
 
 
+class Posted(NamedTuple):
+    stream: object
+    item: object  # a reply, an error, or STREAM_ENDED
+    arrived: float  # time.perf_counter() when the stream's reader got it (the step timings' clock)
+
+
 class ReplyBoard:
     def __init__(self):
-        self._posted: dict[object, deque] = {}  # stream -> replies (or an error, or STREAM_ENDED) not read
+        self._posted: dict[object, deque] = {}  # stream -> (item, arrived) not read yet
         self._gone: set[int] = set()  # ids of closed streams, whose late replies are dropped
         self._changed = threading.Condition()
 
@@ -44,10 +51,10 @@ class ReplyBoard:
         with self._changed:
             if id(stream) in self._gone:
                 return
-            self._posted.setdefault(stream, deque()).append(item)
+            self._posted.setdefault(stream, deque()).append((item, time.perf_counter()))
             self._changed.notify_all()
 
-    def wait(self, streams: Iterable[object], deadline: float) -> tuple[object, object] | None:
+    def wait(self, streams: Iterable[object], deadline: float) -> Posted | None:
         """The first unread item of any of ``streams`` (in their order), waiting until ``deadline``
         (``time.monotonic()``); None when it passes first."""
         streams = list(streams)
@@ -56,7 +63,7 @@ class ReplyBoard:
                 for stream in streams:
                     posted = self._posted.get(stream)
                     if posted:
-                        return stream, posted.popleft()
+                        return Posted(stream, *posted.popleft())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None

@@ -15,6 +15,7 @@ servers is ``client/verification.py``'s.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import torch
@@ -22,12 +23,13 @@ import torch
 from shardnet.client.config import ClientConfig
 from shardnet.client.failover import Failover
 from shardnet.client.history import GrowingBuffer
-from shardnet.client.hop_stream import HopTiming, SessionMovedError
+from shardnet.client.hop_stream import SessionMovedError
 from shardnet.client.planner import RoutePlanner, SessionNeeds
 from shardnet.client.push_chain import PushedStep
 from shardnet.client.replies import ReplyBoard
 from shardnet.client.routing import RouteHop, describe
 from shardnet.client.session_hops import HopReplacement, SessionHop
+from shardnet.client.timings import HopTiming, StepTiming
 from shardnet.client.transport import Transport
 from shardnet.client.trust import ServerTrust
 from shardnet.client.verification import Verifier
@@ -35,6 +37,7 @@ from shardnet.devices import HOST
 from shardnet.errors import GenerationError, SessionError, SessionExpiredError, ShardnetError
 
 logger = logging.getLogger(__name__)
+LATE_ANSWERS_WAIT_S = 0.5  # on close, how long to wait for answers still owed, for the last step's timings
 
 
 class InferenceSession(HopReplacement):
@@ -61,7 +64,7 @@ class InferenceSession(HopReplacement):
         self.position = 0
         self.failovers = 0  # hops replaced so far (their history replayed)
         self.handoffs = 0  # hops whose draining server handed the session over (nothing replayed)
-        self.last_timings: list[HopTiming] = []
+        self.last_timing = StepTiming()  # where the last step's time went, hop by hop
         self.health = health
         self.board = ReplyBoard()  # every stream's replies, as they come
         self._planner = planner
@@ -76,10 +79,8 @@ class InferenceSession(HopReplacement):
             None  # the step running: mask, positions
         )
         self._hops: list[SessionHop] = []
-        self._uncollected: list[PushedStep] = []
-        self._broken: str | None = (
-            None  # why a step failed midway; the session takes no more steps  # chains of the last step that still owe answers
-        )
+        self._uncollected: list[PushedStep] = []  # chains of the last step that still owe answers
+        self._broken: str | None = None  # why a step failed midway; the session takes no more steps
         self._hops, _ = self._open(*blocks, None, self._failover())
         self._verifier = Verifier(self, config.verify_fraction) if verify and config.verify_fraction else None
         logger.info(
@@ -137,6 +138,7 @@ class InferenceSession(HopReplacement):
         timings: list[HopTiming] = []
         try:
             self.collect()  # the last step's owed answers, replayed (if need be) as that step: no _current yet
+            began = time.perf_counter()
             self._current = (step_mask if masked else None, positions)
             index = 0
             while index < len(self._hops):
@@ -161,7 +163,7 @@ class InferenceSession(HopReplacement):
         self._mask.append(step_mask)
         self._masked = masked
         self.position += new
-        self.last_timings = timings
+        self.last_timing = StepTiming(time.perf_counter() - began, new, timings)
         if self._verifier is not None:
             try:
                 hidden = self._verifier.after_step(hidden)
@@ -194,9 +196,15 @@ class InferenceSession(HopReplacement):
                     hop = adopted
         except ShardnetError as error:
             failover.failed(hop.hop, error)
+            began = time.perf_counter()
             replaced = len(self._hops)
             out = self.replace_hop(hop, hidden, failover)[:, -new:]
-            timings.extend(HopTiming() for _ in range(len(self._hops) - replaced + 1))
+            timing = hop.stream.new_timing()
+            timing.failed_over, timing.pending, timing.failover_s = True, False, time.perf_counter() - began
+            timings.append(timing)  # the replacement's other hops, if several, are counted in it
+            timings.extend(
+                HopTiming(failed_over=True, pending=False) for _ in range(len(self._hops) - replaced)
+            )
             return out
         hop.inputs.append(hidden)
         timings.append(timing)
@@ -295,6 +303,10 @@ class InferenceSession(HopReplacement):
     # ---- lifetime ----
 
     def close(self) -> None:
+        deadline = time.monotonic() + LATE_ANSWERS_WAIT_S
+        for chain in self._uncollected:  # the last step's timings: the answers of earlier hops of its chains
+            chain.read_late_answers(deadline)
+        self._uncollected.clear()
         if self._verifier is not None:
             self._verifier.close()
         for hop in self._hops:

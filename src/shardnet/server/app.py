@@ -42,6 +42,7 @@ from shardnet.server.fit import GIB, SpanFootprint, check_fit
 from shardnet.server.handoff import HandOff
 from shardnet.server.lifecycle import Lifecycle
 from shardnet.server.loading import SpanLoader
+from shardnet.server.metrics import ServerMetrics
 from shardnet.server.placement import Placement
 from shardnet.server.push import PushSender
 from shardnet.server.reaper import IdleReaper
@@ -259,6 +260,7 @@ class Server:
         await asyncio.to_thread(self.compute.run, partial(make_current, self.device))
         placement = first = None
         try:
+            self._start_metrics()  # a thread: after the DHT's fork
             span = cfg.blocks
             if span is None:
                 placement = self._placement()
@@ -278,6 +280,7 @@ class Server:
             )
             server = self._start_grpc()
         except BaseException:
+            self._stop_metrics()
             await asyncio.to_thread(self.dht.shutdown)
             raise
         trigger = LoadTrigger.for_limits(cfg.max_cache_tokens, cfg.max_sessions)
@@ -336,8 +339,28 @@ class Server:
             await announcer.announce_now()
             await asyncio.to_thread(server.stop(grace=1.0).wait)
             self.runtime.push.close()
+            self._stop_metrics()
             await asyncio.to_thread(self.dht.shutdown)
             logger.info("shardnet server stopped: blocks=%d:%d", *self.span)
+
+    def _start_metrics(self) -> None:
+        """``/metrics`` for Prometheus, with --metrics-port: from JOINING on, so a scrape sees the load."""
+        cfg = self.config
+        if cfg.metrics_port is None:
+            return
+        metrics = ServerMetrics(self.runtime, self.model_id)
+        try:
+            metrics.serve(cfg.metrics_host, cfg.metrics_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port {cfg.metrics_port}: cannot listen on {cfg.metrics_host} ({exc.strerror or exc})"
+            ) from exc
+        self.runtime.metrics = metrics
+        self.compute.observe_batch = metrics.batch_ran
+
+    def _stop_metrics(self) -> None:
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.stop()
 
     def _placement(self) -> Placement:
         # Exact servers only until --quant lands; then this server's own quantization.

@@ -62,6 +62,7 @@ class ComputeQueue:
         self._ready = threading.Condition(threading.Lock())  # guards _jobs
         self._jobs: deque[_Job] = deque()  # waiting, oldest first
         self.batches_run = 0  # batches of two or more callers
+        self.observe_batch: Callable[[int], None] | None = None  # told each batched pass's rows (metrics)
         self.steps_batched = 0  # callers served in those batches
         self._thread = threading.Thread(target=self._serve, name="compute", daemon=True)
         self._thread.start()
@@ -97,7 +98,9 @@ class ComputeQueue:
                 self._ready.notify()
         if inline:
             try:
-                return job.run_many([job.item])[0]
+                result = job.run_many([job.item])[0]
+                self._observe([job])
+                return result
             finally:
                 with self._ready:
                     self._inline = None
@@ -127,6 +130,7 @@ class ComputeQueue:
             if len(batch) > 1:
                 self.batches_run += 1
                 self.steps_batched += len(batch)
+            self._observe(batch)
             with self._ready:
                 self._busy = False
             for job in batch:
@@ -134,6 +138,11 @@ class ComputeQueue:
             # Hold nothing of a finished batch while waiting for the next: a span given back (a rest, a
             # move) must be collectable, not kept alive by the last job that touched it.
             batch = results = job = None
+
+    def _observe(self, batch: list[_Job]) -> None:
+        """Tell ``observe_batch`` the rows of a batched pass (a decode pass, even of one caller)."""
+        if self.observe_batch is not None and batch[0].key is not None:
+            self.observe_batch(sum(job.rows for job in batch))
 
     def _take_batch(self) -> list[_Job]:
         """The oldest job, and the waiting jobs of its key, oldest first, while their rows fit."""

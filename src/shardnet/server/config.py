@@ -87,6 +87,10 @@ class ServerConfig:
     rebalance_period_s: float = (
         60.0  # a --num-blocks server checks about this often whether to move; 0 = never
     )
+    metrics_port: int | None = (
+        None  # Prometheus /metrics on this port (server/metrics.py); None = off, 0 = any
+    )
+    metrics_host: str = "127.0.0.1"  # interface /metrics listens on
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -117,6 +121,10 @@ class ServerConfig:
             raise ConfigError("--num-blocks must be at least 1")
         if not 0 <= self.port <= 65535 or not 0 <= self.dht_port <= 65535:
             raise ConfigError("--port and --dht-port must be between 0 and 65535")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                f"--metrics-port {self.metrics_port} is not a port: it must be between 0 and 65535"
+            )
         if self.announce_port is not None and not 1 <= self.announce_port <= 65535:
             raise ConfigError(
                 f"--announce-port {self.announce_port} is not a port: it must be between 1 and 65535"

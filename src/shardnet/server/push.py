@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -32,6 +33,15 @@ LOOKUP_INTERVAL_S = 0.5  # an address not yet seen is looked up again at most th
 # it, and the client waited its request timeout. Its next announcements (ONLINE, then its first session's
 # load) reach this node within a second or two.
 NEW_ADDRESS_WAIT_S = 3.0
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    """What became of one push: "" or why it failed, when it left, and its round trip."""
+
+    error: str  # "" when the next server took the step
+    sent: float  # time.perf_counter() when the push request left (after the address was checked)
+    round_trip_s: float  # sent to acknowledged (or to the failure)
 
 
 class PushSender:
@@ -86,9 +96,10 @@ class PushSender:
                 stub = self._stubs.setdefault((address, fingerprint), pb_grpc.ShardStub(channel))
         return stub
 
-    def push(self, step: pb.Step, output: pb.Tensor) -> str:
-        """Send ``output`` as the next hop's step and wait for it to be queued there; returns "" or why it
-        was not (an address no server of this model announced, a refusal, a link that does not answer)."""
+    def push(self, step: pb.Step, output: pb.Tensor) -> PushOutcome:
+        """Send ``output`` as the next hop's step and wait for it to be queued there; the outcome's error is
+        "" or why it was not (an address no server of this model announced, a refusal, a link that does not
+        answer)."""
         hop = step.push[0]
         pushed = pb.Step(step_id=hop.step_id, position=hop.position, hidden_states=output, push=step.push[1:])
         for name in ("attention_mask", "position_ids"):
@@ -97,16 +108,18 @@ class PushSender:
         if hop.HasField("hypo_ids"):
             pushed.hypo_ids.CopyFrom(hop.hypo_ids)
         request = pb.PushRequest(push_token=hop.push_token, step=pushed)
+        sent = time.perf_counter()
         try:
             stub = self._stub(hop.address, self.announced_fingerprint(hop.address))
+            sent = time.perf_counter()
             stub.Push(request, timeout=push_ack_timeout_s(request.ByteSize()))
         except ShardnetError as exc:  # not announced, or (TLS) not the certificate it announced
-            return str(exc)
+            return PushOutcome(str(exc), sent, time.perf_counter() - sent)
         except grpc.RpcError as exc:
             error = f"push to {hop.address} failed: {exc.code().name}"
             logger.info("%s", error)
-            return error
-        return ""
+            return PushOutcome(error, sent, time.perf_counter() - sent)
+        return PushOutcome("", sent, time.perf_counter() - sent)
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -37,6 +38,9 @@ from shardnet.wire import PROTOCOL_VERSION, pb, pb_grpc
 from shardnet.wire.status import status_for
 from shardnet.wire.tensors import serialize
 
+if TYPE_CHECKING:
+    from shardnet.server.metrics import ServerMetrics
+
 logger = logging.getLogger(__name__)
 PUSH_WAIT_S = 120.0  # how long a session awaits a pushed step before giving up on it
 SERVICE_NAME = "shardnet.v1.Shard"
@@ -54,6 +58,7 @@ class ServerRuntime:
     push: PushSender | None = None  # passes step outputs on to the next server (None: push refused)
     rate: RequestRate | None = None  # per-client rate of Info, Forward and opens (None: unlimited)
     handoff: HandOff | None = None  # gives sessions to other holders while draining (None: never)
+    metrics: ServerMetrics | None = None  # counts for --metrics-port (None: not exposed)
 
     def admit(self, context: grpc.ServicerContext, what: str) -> None:
         if self.rate is not None:
@@ -75,20 +80,22 @@ class ShardServicer(pb_grpc.ShardServicer):
     def __init__(self, runtime: ServerRuntime):
         self.runtime = runtime
 
-    def _abort(self, context: grpc.ServicerContext, error: Exception) -> None:
+    def _abort(self, context: grpc.ServicerContext, error: Exception, rpc: str) -> None:
         if isinstance(error, ShardnetError):
             code, details = status_for(error)
             logger.debug("refused request: %s (%s)", details, code.name)
         else:
             logger.error("internal error while serving a request", exc_info=error)
             code, details = grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}"
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.refused(rpc, code.name)
         context.abort(code, details)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         try:
             self.runtime.admit(context, "Info")
         except ShardnetError as error:
-            self._abort(context, error)
+            self._abort(context, error, "Info")
         backend, sessions = self.runtime.backend, self.runtime.sessions
         reply = pb.InfoResponse(
             protocol_version=PROTOCOL_VERSION,
@@ -136,16 +143,21 @@ class ShardServicer(pb_grpc.ShardServicer):
             out, compute_s = backend.forward(
                 step, request.span.start, request.span.end, prompts, request.adapter
             )
+            if self.runtime.metrics is not None:
+                self.runtime.metrics.stateless_call("Forward")
             return pb.ForwardResponse(hidden_states=serialize(out), compute_s=compute_s)
         except Exception as error:  # every failure becomes a status; the server keeps serving
-            self._abort(context, error)
+            self._abort(context, error, "Forward")
 
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
         try:
             self.runtime.admit(context, "Backward")
-            return serve_backward(self.runtime.ready_backend(), request)
+            reply = serve_backward(self.runtime.ready_backend(), request)
+            if self.runtime.metrics is not None:
+                self.runtime.metrics.stateless_call("Backward")
+            return reply
         except Exception as error:  # every failure becomes a status; the server keeps serving
-            self._abort(context, error)
+            self._abort(context, error, "Backward")
 
     def Inference(
         self, request_iterator: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
@@ -153,6 +165,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         session: Session | None = None
         try:
             for request in request_iterator:
+                arrived = time.perf_counter()
                 kind = request.WhichOneof("kind")
                 if kind == "open":
                     if session is not None:
@@ -171,7 +184,7 @@ class ShardServicer(pb_grpc.ShardServicer):
                     if kind == "step":
                         step = request.step
                     else:
-                        pushed = self._pushed(session, request.await_push, context)
+                        arrived, pushed = self._pushed(session, request.await_push, context)
                         if pushed.abort:  # nothing came, or the route broke before: nothing computed
                             yield pb.InferenceResponse(
                                 step=pb.StepResult(step_id=pushed.step.step_id, push_error=pushed.abort)
@@ -183,13 +196,18 @@ class ShardServicer(pb_grpc.ShardServicer):
                         yield pb.InferenceResponse(step=pb.StepResult(step_id=step.step_id, moved=moved))
                         return
                     runtime = self.runtime
-                    yield serve_step(runtime.backend, runtime.sessions, runtime.push, session, step)
+                    reply = serve_step(
+                        runtime.backend, runtime.sessions, runtime.push, session, step, arrived
+                    )
+                    if runtime.metrics is not None:
+                        runtime.metrics.step_served(step, reply)
+                    yield reply
                 else:
                     raise InvalidRequestError("empty InferenceRequest: set open or step")
         except grpc.RpcError:  # the client went away mid-stream: nothing to answer
             pass
         except Exception as error:  # every failure becomes a status; the server keeps serving
-            self._abort(context, error)
+            self._abort(context, error, "Inference")
         finally:
             if session is not None:
                 self.runtime.sessions.close(session)
@@ -236,24 +254,27 @@ class ShardServicer(pb_grpc.ShardServicer):
             adapter=request.adapter,
         )
 
-    def _pushed(self, session: Session, wait: pb.AwaitPush, context: grpc.ServicerContext) -> pb.PushRequest:
-        """The step ``wait.step_id`` pushed to this session (older, stale pushes are dropped). When none
-        comes in time, an abort: the client hears the step was not computed here, and sends it itself.
-        A client that went away (it replaced this hop) ends the wait within a second."""
+    def _pushed(
+        self, session: Session, wait: pb.AwaitPush, context: grpc.ServicerContext
+    ) -> tuple[float, pb.PushRequest]:
+        """The step ``wait.step_id`` pushed to this session (older, stale pushes are dropped), with when it
+        arrived (``time.perf_counter()``). When none comes in time, an abort: the client hears the step
+        was not computed here, and sends it itself. A client that went away (it replaced this hop) ends
+        the wait within a second."""
         deadline = time.monotonic() + PUSH_WAIT_S
         while True:
             remaining = deadline - time.monotonic()
             try:
-                pushed = session.inbox.get(timeout=min(max(remaining, 0.0), 1.0))
+                arrived, pushed = session.inbox.get(timeout=min(max(remaining, 0.0), 1.0))
             except queue.Empty:
                 if not context.is_active():
                     raise SessionError(f"session {session.short_id}: the client closed its stream") from None
                 if remaining > 1.0:
                     continue
                 reason = f"step {wait.step_id} was never pushed within {PUSH_WAIT_S:g}s"
-                return pb.PushRequest(step=pb.Step(step_id=wait.step_id), abort=reason)
+                return time.perf_counter(), pb.PushRequest(step=pb.Step(step_id=wait.step_id), abort=reason)
             if pushed.step.step_id == wait.step_id:
-                return pushed
+                return arrived, pushed
             if pushed.step.step_id > wait.step_id:
                 raise SessionError(f"pushed step {pushed.step.step_id} while waiting for step {wait.step_id}")
 
@@ -265,15 +286,16 @@ class ShardServicer(pb_grpc.ShardServicer):
             backend = self.runtime.ready_backend()
             return pb.AdoptReply(adopt_token=adopt(request_iterator, backend, self.runtime.sessions))
         except Exception as error:  # every failure becomes a status; the server keeps serving
-            self._abort(context, error)
+            self._abort(context, error, "Adopt")
 
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushAck:
         try:  # a draining server still takes its open sessions' steps (to run or to hand over)
+            arrived = time.perf_counter()
             session = self.runtime.sessions.pushed_to(request.push_token)
-            session.inbox.put(request)
+            session.inbox.put((arrived, request))
             return pb.PushAck()
         except Exception as error:  # every failure becomes a status; the server keeps serving
-            self._abort(context, error)
+            self._abort(context, error, "Push")
 
 
 # ---- registration: a request that does not decode is INVALID_ARGUMENT ----

@@ -41,7 +41,9 @@ class Session:
     busy: bool = False  # a step is being run (or waits for compute) now
     reclaimed: bool = False  # closed for idleness: takes no more steps
     push_token: bytes = field(default_factory=lambda: secrets.token_bytes(16))  # names it to pushing servers
-    inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # steps from the client or a push
+    inbox: queue.SimpleQueue = field(
+        default_factory=queue.SimpleQueue
+    )  # (arrived: perf_counter, pb.PushRequest) pushed here
     client: str = ""  # who opened it (its connection), for the per-client quotas
     adapter: str = ""  # the LoRA adapter its steps run with (server/adapters.py); "" = the base model
 

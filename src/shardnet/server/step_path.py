@@ -10,7 +10,9 @@
                     each first rolls the cache back / reorders its rows if asked (rewind), and after
                     each forward pass the session's view of its cache moves on (advance)
       4. end        not busy, last active now
-      5. reply      the output, its compute time, the position the session holds
+      5. reply      the output, the position the session holds, and where the step's time went here:
+                    queue (arrival to output, less compute), compute, send (encoding, the push request),
+                    push (its round trip to the next server's acknowledgement)
       6. push       the output to the next server of the route, when the client asked for it
 
 ``SpanBackend`` (server/backend.py) holds the span, its limits and checks and runs one forward pass
@@ -59,10 +61,18 @@ def present_fields(message) -> set[str]:
 
 
 def serve_step(
-    backend: SpanBackend, sessions: SessionTable, push: PushSender | None, session: Session, request: pb.Step
+    backend: SpanBackend,
+    sessions: SessionTable,
+    push: PushSender | None,
+    session: Session,
+    request: pb.Step,
+    arrived: float | None = None,
 ) -> pb.InferenceResponse:
-    """Steps 1 to 6 above for one ``Step`` of ``session``; raises a ``ShardnetError`` on bad input."""
+    """Steps 1 to 6 above for one ``Step`` of ``session``; raises a ``ShardnetError`` on bad input.
+    ``arrived``: ``time.perf_counter()`` when the step reached this server (its stream message, or its
+    push), so the reply's ``queue_s`` covers any wait before this call; now when not given."""
     began = time.perf_counter()
+    arrived = began if arrived is None else arrived
     if request.position > session.position:
         raise SessionError(
             f"step at position {request.position}, but session {session.short_id} holds {session.position}"
@@ -80,15 +90,28 @@ def serve_step(
         out, compute_s = run_step(backend, session, step, keep=request.position)
     finally:
         sessions.end_step(session)
+    ready = time.perf_counter()
     result = pb.StepResult(
-        step_id=request.step_id, hidden_states=serialize(out), compute_s=compute_s, position=session.position
+        step_id=request.step_id,
+        hidden_states=serialize(out),
+        compute_s=compute_s,
+        position=session.position,
+        queue_s=max(ready - arrived - compute_s, 0.0),
     )
     if len(request.push):  # the next server's step is on the critical path: pushed before replying here
         if push is None:
             result.push_error = "this server does not push"
+            result.send_s = time.perf_counter() - ready
         else:  # the client waits on the last server, not on this answer: the ack costs it nothing
-            result.push_error = push.push(request, result.hidden_states)
-    result.handle_s = time.perf_counter() - began
+            pushed = push.push(request, result.hidden_states)
+            result.push_error, result.send_s, result.push_s = (
+                pushed.error,
+                pushed.sent - ready,
+                pushed.round_trip_s,
+            )
+    else:
+        result.send_s = time.perf_counter() - ready
+    result.handle_s = time.perf_counter() - arrived
     return pb.InferenceResponse(step=result)
 
 

@@ -231,7 +231,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., cache_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s", "push_error", "moved")
+    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s", "push_error", "moved", "queue_s", "send_s", "push_s")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,9 @@ class StepResult(_message.Message):
     HANDLE_S_FIELD_NUMBER: _ClassVar[int]
     PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
     MOVED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    SEND_S_FIELD_NUMBER: _ClassVar[int]
+    PUSH_S_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     compute_s: float
@@ -246,7 +249,10 @@ class StepResult(_message.Message):
     handle_s: float
     push_error: str
     moved: Moved
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ..., push_error: _Optional[str] = ..., moved: _Optional[_Union[Moved, _Mapping]] = ...) -> None: ...
+    queue_s: float
+    send_s: float
+    push_s: float
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ..., push_error: _Optional[str] = ..., moved: _Optional[_Union[Moved, _Mapping]] = ..., queue_s: _Optional[float] = ..., send_s: _Optional[float] = ..., push_s: _Optional[float] = ...) -> None: ...
 
 class Moved(_message.Message):
     __slots__ = ("address", "peer_id", "adopt_token")
