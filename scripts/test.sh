@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/shardnet ] || ./scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q "$@"
+# Two workers (pytest-xdist), each taking whole test files (module fixtures start a swarm once): most of a
+# test's time is processes starting and waiting on each other, so two files at once fit on two cores.
+python -m pytest -q -n 2 --dist loadfile "$@"

@@ -32,7 +32,7 @@ def test_a_pushed_chain_adds_up_and_is_pending_until_the_answers_it_needs_are_re
     t=1 ms (began at 0), hop 0 queues 2 and computes 5, encodes 0.5 and pushes; hop 1 likewise; hop 2
     answers the client, which decodes its output in 0.5 ms."""
     hops = _hops(3)
-    clock = ChainClock(hops, began=0.0, round_trip_s=lambda peer_id: 2 * MS)
+    clock = ChainClock(hops, began=0.0, clocks=[None] * len(hops), round_trip_s=lambda peer_id: 2 * MS)
     clock.sent(0, 1 * MS)
     # the timeline: hop 0 gets it at 2; output at 9; pushed at 9.5, at hop 1 at 10.5; output at 17.5;
     # pushed at 18, at hop 2 at 19; output at 26; reply encoded at 26.5, at the client at 27.5, decoded 28
@@ -56,7 +56,7 @@ def test_a_pushed_chain_adds_up_and_is_pending_until_the_answers_it_needs_are_re
 def test_a_client_chained_hop_adds_up_exactly():
     """A hop the client sends and waits on: its own round trip splits network and return."""
     hops = _hops(1)
-    clock = ChainClock(hops, began=0.0, round_trip_s=lambda peer_id: None)
+    clock = ChainClock(hops, began=0.0, clocks=[None] * len(hops), round_trip_s=lambda peer_id: None)
     clock.sent(0, 0.4 * MS)
     clock.answered(0, _answer(1, 3, 0.3), arrived=6.7 * MS, decoded=7.0 * MS)  # round trip 2 ms
     hop = hops[0]
@@ -67,7 +67,7 @@ def test_a_client_chained_hop_adds_up_exactly():
 def test_a_failed_push_puts_the_hop_s_answer_and_the_client_s_delivery_on_the_path():
     """Hop 0 could not push: the client waited on its answer, then delivered the step to hop 1 itself."""
     hops = _hops(2)
-    clock = ChainClock(hops, began=0.0, round_trip_s=lambda peer_id: 2 * MS)
+    clock = ChainClock(hops, began=0.0, clocks=[None] * len(hops), round_trip_s=lambda peer_id: 2 * MS)
     clock.sent(0, 0.5 * MS)
     clock.answered(
         0, _answer(1, 4, 0.5, push_ms=3, push_error="push failed: UNAVAILABLE"), 11 * MS, 11.5 * MS
@@ -81,7 +81,50 @@ def test_a_failed_push_puts_the_hop_s_answer_and_the_client_s_delivery_on_the_pa
 
 def test_a_failed_over_hop_is_marked_and_counts_its_replacement():
     hops = _hops(2)
-    clock = ChainClock(hops, began=0.0, round_trip_s=lambda peer_id: 2 * MS)
+    clock = ChainClock(hops, began=0.0, clocks=[None] * len(hops), round_trip_s=lambda peer_id: 2 * MS)
     clock.failed_over(0, began=30 * MS, ended=90 * MS)
     assert hops[0].failed_over and not hops[0].pending and hops[0].as_ms()["failover_ms"] == pytest.approx(60)
     assert hops[1].pending  # its network starts from the replacement's output, once its answer is read
+
+
+def test_a_clock_offset_is_taken_from_the_quickest_exchange_and_dates_one_way_trips():
+    """The peer's clock runs 1000 s ahead. A slow exchange (3 ms out, 1 ms back) alone puts the offset
+    1 ms off; a quick symmetric one (0.2 ms each way) corrects it, and later trips are dated right."""
+    from shardnet.wire.clock_offset import ClockOffset
+
+    ahead = 1000.0
+    clock = ClockOffset()
+    assert clock.offset_s is None and clock.one_way_to(0.0, ahead) is None
+    clock.add(sent=0.0, peer_arrived=ahead + 3 * MS, peer_replied=ahead + 4 * MS, received=5 * MS)
+    assert clock.offset_s == pytest.approx(ahead + 1 * MS)
+    clock.add(sent=10 * MS, peer_arrived=ahead + 10.2 * MS, peer_replied=ahead + 11 * MS, received=11.2 * MS)
+    assert clock.offset_s == pytest.approx(ahead)
+    assert clock.one_way_to(20 * MS, ahead + 22.5 * MS) == pytest.approx(2.5 * MS)
+    assert clock.one_way_from(ahead + 30 * MS, 30.7 * MS) == pytest.approx(0.7 * MS)
+    clock.add(
+        sent=40 * MS, peer_arrived=0.0, peer_replied=0.0, received=41 * MS
+    )  # an older server: no stamps
+    assert clock.offset_s == pytest.approx(ahead)
+
+
+def test_with_dated_clocks_an_asymmetric_push_is_split_as_it_happened():
+    """Hop 0's push took 0.5 ms out and 3.5 ms back (its acknowledgement waited): half the round trip
+    would say 2 ms; the push's one-way time, dated on both clocks, says 0.5."""
+    from shardnet.wire.clock_offset import ClockOffset
+
+    hops = _hops(2)
+    first, second = ClockOffset(), ClockOffset()
+    for clock, ahead in ((first, 50.0), (second, -7.0)):  # opened earlier: 0.1 ms each way
+        clock.add(sent=0.0, peer_arrived=ahead + 0.1 * MS, peer_replied=ahead + 0.2 * MS, received=0.3 * MS)
+    clock = ChainClock(hops, began=1.0, clocks=[first, second], round_trip_s=lambda peer_id: None)
+    clock.sent(0, 1.0 + 0.2 * MS)  # at hop 0 at 1.0003: queue 1, compute 2, send 0.5 -> pushed at 1.0038
+    pushed = _answer(1, 2, 0.5, push_ms=4)
+    pushed.push_one_way_s = 0.5 * MS  # at hop 1 at 1.0043: queue 1, compute 2, send 0.3 -> reply at 1.0076
+    pushed.arrived_at_s, pushed.replied_at_s = 50.0 + 1.0003, 50.0 + 1.0003 + 7.5 * MS
+    last = _answer(1, 2, 0.3)
+    last.arrived_at_s, last.replied_at_s = -7.0 + 1.0043, -7.0 + 1.0076
+    clock.answered(1, last, arrived=1.0 + 8.0 * MS, decoded=1.0 + 8.4 * MS)  # back in 0.4 ms, decoded in 0.4
+    clock.answered(0, pushed, arrived=1.0 + 8.1 * MS, decoded=1.0 + 8.2 * MS)
+    assert [hop.network_s / MS for hop in hops] == pytest.approx([0.3, 1.0])
+    assert hops[1].return_s == pytest.approx(1.1 * MS)  # encoding 0.3, the trip 0.4, decoding 0.4
+    assert sum(hop.total_s for hop in hops) == pytest.approx(8.4 * MS)

@@ -22,6 +22,7 @@ from shardnet.client.timings import ChainClock, HopTiming
 from shardnet.client.transport import Transport
 from shardnet.errors import RemoteError, StepTimeoutError
 from shardnet.wire import pb
+from shardnet.wire.clock_offset import ClockOffset
 from shardnet.wire.push_ack import push_ack_timeout_s
 from shardnet.wire.status import error_from_rpc
 from shardnet.wire.tensors import deserialize, serialize
@@ -68,6 +69,7 @@ class SpanStream:
         board: ReplyBoard | None = None,
         adopt_token: bytes = b"",
         adapter: str = "",
+        clock: ClockOffset | None = None,
     ):
         """``adopt_token``: take over a session another server handed over here (see ``SessionMovedError``)
         instead of opening an empty one."""
@@ -79,6 +81,7 @@ class SpanStream:
         )
         self.recent_s: float | None = None  # moving average of the server's seconds per position
         self.board = board or ReplyBoard()
+        self.clock = clock or ClockOffset()  # the server's clock against this process's (step timings)
         self._limit = transport.max_message_bytes
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._step_id = 0
@@ -88,6 +91,7 @@ class SpanStream:
         self._call = self._stub.Inference(iter(self._requests.get, _END))
         self.board.read(self, self._call)
         try:
+            opening = time.perf_counter()
             self._requests.put(
                 pb.InferenceRequest(
                     open=pb.OpenSession(
@@ -101,9 +105,11 @@ class SpanStream:
                     )
                 )
             )
-            opened = self.receive(time.monotonic() + open_timeout_s)
+            posted = self._next_posted(time.monotonic() + open_timeout_s)
+            opened = self.reply_of(posted.item)
             if opened.WhichOneof("kind") != "opened":
                 raise RemoteError(f"{self.peer}: expected SessionOpened, got {opened.WhichOneof('kind')}")
+            self.clock.add(opening, opened.opened.arrived_at_s, opened.opened.replied_at_s, posted.arrived)
             self.push_token = opened.opened.push_token  # empty from a server that takes no pushes
         except BaseException:
             self.close()
@@ -186,7 +192,7 @@ class SpanStream:
                 break
         out = self.accept(result, hidden.shape[1])
         timing = self.new_timing()
-        clock = ChainClock([timing], began, lambda peer_id: None)  # its own round trip is measured here
+        clock = ChainClock([timing], began, [self.clock], lambda peer_id: None)  # its own round trip is here
         clock.sent(0, sent)
         clock.answered(0, result, posted.arrived, time.perf_counter())
         return out, timing

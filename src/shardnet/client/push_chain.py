@@ -60,7 +60,9 @@ class PushedStep:
         self.failed: list[ShardnetError | None] = [None] * count  # a failure not acted on yet
         self.undelivered = [False] * count  # the hop awaits the step but nobody pushed it
         self.timings = [hop.stream.new_timing() for hop in hops]  # filled in place as answers are read
-        self.clock = ChainClock(self.timings, self.began, session.health.rtt)
+        self.clock = ChainClock(
+            self.timings, self.began, [hop.stream.clock for hop in hops], session.health.rtt
+        )
         self._outputs: list[torch.Tensor | None] = [None] * count
         self._since: dict[int, float] = {}  # hop -> when the chain started waiting on it
         streams = self.streams

@@ -153,6 +153,7 @@ class InferenceSession(HopReplacement):
                 else:
                     hidden = self._step_hop(self._hops[index], hidden, mask, positions, failover, timings)
                 index = self._hops.index(after) if after is not None else len(self._hops)
+            through_s = time.perf_counter() - began  # the output in hand; the bookkeeping below is not timed
         except BaseException as error:
             if any(len(h.inputs) != self.position or h.stream.position != self.position for h in self._hops):
                 self._broken = f"{type(error).__name__}: {error}"  # some hops hold this step, some do not
@@ -163,7 +164,7 @@ class InferenceSession(HopReplacement):
         self._mask.append(step_mask)
         self._masked = masked
         self.position += new
-        self.last_timing = StepTiming(time.perf_counter() - began, new, timings)
+        self.last_timing = StepTiming(through_s, new, timings)
         if self._verifier is not None:
             try:
                 hidden = self._verifier.after_step(hidden)

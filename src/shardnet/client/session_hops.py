@@ -131,6 +131,7 @@ class HopReplacement:
             self.board,
             adopt_token=adopt_token,
             adapter=self._config.active_adapter or "",
+            clock=self.health.clock(route_hop.peer_id),
         )
 
     def _open(

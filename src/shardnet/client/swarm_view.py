@@ -28,6 +28,7 @@ from shardnet.swarm_key import SwarmKey
 from shardnet.wire import pb
 
 logger = logging.getLogger(__name__)
+PING_CALLS = 3  # timed Info calls per ping: the RTT from the last, the clock offset from all
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,13 @@ class SwarmView:
         try:
             stub = self.transport.stub(view.address, view.record.tls_fingerprint)
             stub.Info(pb.InfoRequest(), timeout=self.ping_timeout_s)  # the first call opens the connection
-            began = time.perf_counter()
-            stub.Info(pb.InfoRequest(), timeout=self.ping_timeout_s)
-            self.health.record_rtt(view.record.peer_id, time.perf_counter() - began)
+            clock = self.health.clock(view.record.peer_id)
+            for _ in range(PING_CALLS):  # the quickest of a few dates the server's clock best
+                began = time.perf_counter()
+                reply = stub.Info(pb.InfoRequest(), timeout=self.ping_timeout_s)
+                answered = time.perf_counter()
+                clock.add(began, reply.arrived_at_s, reply.replied_at_s, answered)
+            self.health.record_rtt(view.record.peer_id, answered - began)
         except grpc.RpcError as exc:
             self.health.report_failure(view.record.peer_id, f"does not answer pings ({exc.code().name})")
         except ShardnetError as exc:  # e.g. its TLS certificate is not the one it announced

@@ -12,10 +12,13 @@ A step's time is split into four parts per hop, which add up to the step's time 
                 (the last hop of a push chain; every hop the client chains itself); 0 for the hops of a
                 push chain whose answers the client does not wait for
 
-A one-way trip is half a measured round trip, less the far side's time: the client's own round trip to the
-chain's first server (its answer, less the server's time between the step's arrival and the answer), the
-push's round trip each server reports (sent to acknowledged), and for the return from a chain's last server
-the client's measured round trip to that server (its swarm view's pings), or the first hop's.
+A one-way trip is dated on both clocks, through their estimated offset (wire/clock_offset.py): the sender
+stamps its leaving, the receiver its arrival. The client dates each server's clock from its own exchanges
+with it (the session's opening, the steps it sends itself); a pushing server dates the next server's from
+its pushes and their acknowledgements, and reports the push's one-way time. Where no offset is known yet
+(an older server), a one-way trip is half a round trip, less the far side's time: the client's own to the
+chain's first server, the push's, or for the return from a chain's last server the client's measured round
+trip to that server (its swarm view's pings), or the first hop's.
 
 Under push the client reads the answers of a chain's earlier servers after the step's output, when the
 session is next used or closed: until then their hops are ``pending`` (their parts unknown), never zero.
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from shardnet.wire.clock_offset import ClockOffset
 
 
 @dataclass
@@ -101,8 +106,11 @@ class _Answer:
     compute_s: float
     send_s: float
     push_s: float
+    push_one_way_s: float  # 0: unknown
     handle_s: float
     pushed_on: bool  # it pushed the step on to the next hop (no push_error)
+    server_arrived: float  # the step's arrival, on the server's clock (0: an older server)
+    server_replied: float  # the answer made, on the server's clock
     arrived: float  # the answer reached the client (its stream's reader thread)
     decoded: float  # the output decoded on the client
 
@@ -117,9 +125,16 @@ class ChainClock:
     half the hop's own round trip when the client sent it the step, else half ``round_trip_s(peer_id)``
     (the client's measured round trip to that server), else half the chain's first hop's."""
 
-    def __init__(self, hops: list[HopTiming], began: float, round_trip_s: Callable[[str], float | None]):
+    def __init__(
+        self,
+        hops: list[HopTiming],
+        began: float,
+        clocks: list[ClockOffset | None],
+        round_trip_s: Callable[[str], float | None],
+    ):
         self.hops = hops
         self._began = began  # the step's start at the client, before encoding it
+        self._clocks = clocks  # each hop's server's clock against the client's (None: not known)
         self._round_trip_s = round_trip_s
         count = len(hops)
         self._sent: list[float | None] = [None] * count  # the client sent the step to this hop then
@@ -138,11 +153,17 @@ class ChainClock:
             compute_s=result.compute_s,
             send_s=result.send_s,
             push_s=result.push_s,
+            push_one_way_s=result.push_one_way_s,
             handle_s=handle_s,
             pushed_on=bool(result.push_s) and not result.push_error,
+            server_arrived=result.arrived_at_s,
+            server_replied=result.replied_at_s,
             arrived=arrived,
             decoded=decoded,
         )
+        sent, clock = self._sent[index], self._clocks[index]
+        if sent is not None and clock is not None:  # an exchange of the client's: it dates the server's clock
+            clock.add(sent, result.arrived_at_s, result.replied_at_s, arrived)
         self._available[index] = decoded
         self._fill()
 
@@ -180,11 +201,23 @@ class ChainClock:
         round_trip_s = self._client_round_trip_s(index, answer)
         if round_trip_s is not None:  # the client sent it: from the step's start, or the output before it
             origin = self._began if index == 0 else self._available[index - 1]
-            return None if origin is None else self._sent[index] - origin + round_trip_s / 2
+            if origin is None:
+                return None
+            sent, clock = self._sent[index], self._clocks[index]
+            one_way_s = None if clock is None else clock.one_way_to(sent, answer.server_arrived)
+            return sent - origin + (round_trip_s / 2 if one_way_s is None else one_way_s)
         before = self._answers[index - 1] if index else None
-        return None if before is None else before.send_s + before.push_s / 2
+        if before is None:
+            return None
+        return before.send_s + (before.push_one_way_s or before.push_s / 2)
 
     def _one_way_s(self, index: int, answer: _Answer) -> float | None:
+        """The answer's trip back to the client."""
+        clock = self._clocks[index]
+        if clock is not None:
+            measured = clock.one_way_from(answer.server_replied, answer.arrived)
+            if measured is not None:
+                return measured
         own = self._client_round_trip_s(index, answer)
         if own is not None:
             return own / 2

@@ -14,7 +14,9 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from shardnet.wire.clock_offset import ClockOffset
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ class _PeerHealth:
     banned_until: float = 0.0  # time.monotonic() before which the peer is not routed to
     rtt_s: float | None = None  # smoothed round-trip time of a cheap call, seconds
     open_sessions: int = 0  # sessions this process holds on the peer now
+    clock: ClockOffset = field(default_factory=ClockOffset)  # its clock against ours (pings, opens, steps)
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,11 @@ class ServerTrust:
                 peer.rtt_s = rtt_s
             else:
                 peer.rtt_s += self.rtt_smoothing * (rtt_s - peer.rtt_s)
+
+    def clock(self, peer_id: str) -> ClockOffset:
+        """The peer's clock against this process's, dated by every exchange with it (step timings)."""
+        with self._lock:
+            return self._peer(peer_id).clock
 
     def rtt(self, peer_id: str) -> float | None:
         """One peer's smoothed RTT (None if never measured): per step, without copying every peer's."""

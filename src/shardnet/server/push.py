@@ -23,6 +23,7 @@ from shardnet.errors import InvalidRequestError, ShardnetError
 from shardnet.wire import pb, pb_grpc
 from shardnet.wire.call_auth import CallSigner
 from shardnet.wire.channels import server_channel
+from shardnet.wire.clock_offset import ClockOffset
 from shardnet.wire.push_ack import push_ack_timeout_s
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class PushOutcome:
     error: str  # "" when the next server took the step
     sent: float  # time.perf_counter() when the push request left (after the address was checked)
     round_trip_s: float  # sent to acknowledged (or to the failure)
+    one_way_s: float = 0.0  # sent to its arrival there, through the clocks' estimated offset (0: unknown)
 
 
 class PushSender:
@@ -59,6 +61,7 @@ class PushSender:
         self._checked_at = float("-inf")
         self._stubs: dict[tuple[str, str], pb_grpc.ShardStub] = {}
         self._channels: list[grpc.Channel] = []
+        self._clocks: dict[str, ClockOffset] = {}  # address -> that server's clock against this one's
         self._lock = threading.Lock()
 
     def announced_fingerprint(self, address: str) -> str:
@@ -112,14 +115,19 @@ class PushSender:
         try:
             stub = self._stub(hop.address, self.announced_fingerprint(hop.address))
             sent = time.perf_counter()
-            stub.Push(request, timeout=push_ack_timeout_s(request.ByteSize()))
+            ack = stub.Push(request, timeout=push_ack_timeout_s(request.ByteSize()))
         except ShardnetError as exc:  # not announced, or (TLS) not the certificate it announced
             return PushOutcome(str(exc), sent, time.perf_counter() - sent)
         except grpc.RpcError as exc:
             error = f"push to {hop.address} failed: {exc.code().name}"
             logger.info("%s", error)
             return PushOutcome(error, sent, time.perf_counter() - sent)
-        return PushOutcome("", sent, time.perf_counter() - sent)
+        acked = time.perf_counter()
+        with self._lock:
+            clock = self._clocks.setdefault(hop.address, ClockOffset())
+            clock.add(sent, ack.arrived_at_s, ack.arrived_at_s, acked)  # acknowledged as it arrived
+            one_way_s = clock.one_way_to(sent, ack.arrived_at_s)
+        return PushOutcome("", sent, acked - sent, one_way_s or 0.0)
 
     def close(self) -> None:
         with self._lock:

@@ -92,6 +92,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         context.abort(code, details)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        arrived = time.perf_counter()
         try:
             self.runtime.admit(context, "Info")
         except ShardnetError as error:
@@ -123,6 +124,7 @@ class ShardServicer(pb_grpc.ShardServicer):
                 reply.prefix_tokens_reused = backend.prefix.tokens_reused
                 reply.prefix_cache_tokens_used = backend.prefix.tokens_used
                 reply.prefix_cache_tokens_total = backend.prefix.max_tokens
+        reply.arrived_at_s, reply.replied_at_s = arrived, time.perf_counter()
         return reply
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
@@ -176,6 +178,8 @@ class ShardServicer(pb_grpc.ShardServicer):
                             session_id=session.session_id,
                             cache_tokens=session.cache_tokens,
                             push_token=session.push_token,
+                            arrived_at_s=arrived,
+                            replied_at_s=time.perf_counter(),
                         )
                     )
                 elif kind in ("step", "await_push"):
@@ -293,7 +297,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             arrived = time.perf_counter()
             session = self.runtime.sessions.pushed_to(request.push_token)
             session.inbox.put((arrived, request))
-            return pb.PushAck()
+            return pb.PushAck(arrived_at_s=arrived)
         except Exception as error:  # every failure becomes a status; the server keeps serving
             self._abort(context, error, "Push")
 

@@ -104,14 +104,12 @@ def serve_step(
             result.send_s = time.perf_counter() - ready
         else:  # the client waits on the last server, not on this answer: the ack costs it nothing
             pushed = push.push(request, result.hidden_states)
-            result.push_error, result.send_s, result.push_s = (
-                pushed.error,
-                pushed.sent - ready,
-                pushed.round_trip_s,
-            )
+            result.push_error, result.send_s = pushed.error, pushed.sent - ready
+            result.push_s, result.push_one_way_s = pushed.round_trip_s, pushed.one_way_s
     else:
         result.send_s = time.perf_counter() - ready
-    result.handle_s = time.perf_counter() - arrived
+    result.replied_at_s = time.perf_counter()
+    result.arrived_at_s, result.handle_s = arrived, result.replied_at_s - arrived
     return pb.InferenceResponse(step=result)
 
 

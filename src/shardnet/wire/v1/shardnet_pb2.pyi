@@ -29,7 +29,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "span", "protocol_version", "shardnet_version", "dtype", "max_message_bytes", "max_batch_size", "max_length", "cache_tokens_total", "cache_tokens_free", "open_sessions", "hidden_size", "sessions_served", "state", "quant", "decode_batches", "decode_steps_batched", "prefix_hits", "prefix_tokens_reused", "prefix_cache_tokens_used", "prefix_cache_tokens_total")
+    __slots__ = ("model_id", "span", "protocol_version", "shardnet_version", "dtype", "max_message_bytes", "max_batch_size", "max_length", "cache_tokens_total", "cache_tokens_free", "open_sessions", "hidden_size", "sessions_served", "state", "quant", "decode_batches", "decode_steps_batched", "prefix_hits", "prefix_tokens_reused", "prefix_cache_tokens_used", "prefix_cache_tokens_total", "arrived_at_s", "replied_at_s")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class InfoResponse(_message.Message):
     PREFIX_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    REPLIED_AT_S_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     span: Span
     protocol_version: str
@@ -72,7 +74,9 @@ class InfoResponse(_message.Message):
     prefix_tokens_reused: int
     prefix_cache_tokens_used: int
     prefix_cache_tokens_total: int
-    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., protocol_version: _Optional[str] = ..., shardnet_version: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., open_sessions: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sessions_served: _Optional[int] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ..., decode_batches: _Optional[int] = ..., decode_steps_batched: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., prefix_cache_tokens_used: _Optional[int] = ..., prefix_cache_tokens_total: _Optional[int] = ...) -> None: ...
+    arrived_at_s: float
+    replied_at_s: float
+    def __init__(self, model_id: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., protocol_version: _Optional[str] = ..., shardnet_version: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., open_sessions: _Optional[int] = ..., hidden_size: _Optional[int] = ..., sessions_served: _Optional[int] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ..., decode_batches: _Optional[int] = ..., decode_steps_batched: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., prefix_cache_tokens_used: _Optional[int] = ..., prefix_cache_tokens_total: _Optional[int] = ..., arrived_at_s: _Optional[float] = ..., replied_at_s: _Optional[float] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model_id", "span", "hidden_states", "attention_mask", "position_ids", "prompts", "adapter")
@@ -209,8 +213,10 @@ class PushRequest(_message.Message):
     def __init__(self, push_token: _Optional[bytes] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., abort: _Optional[str] = ...) -> None: ...
 
 class PushAck(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("arrived_at_s",)
+    ARRIVED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    arrived_at_s: float
+    def __init__(self, arrived_at_s: _Optional[float] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "step")
@@ -221,17 +227,21 @@ class InferenceResponse(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "cache_tokens", "push_token")
+    __slots__ = ("session_id", "cache_tokens", "push_token", "arrived_at_s", "replied_at_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    REPLIED_AT_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     cache_tokens: int
     push_token: bytes
-    def __init__(self, session_id: _Optional[str] = ..., cache_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
+    arrived_at_s: float
+    replied_at_s: float
+    def __init__(self, session_id: _Optional[str] = ..., cache_tokens: _Optional[int] = ..., push_token: _Optional[bytes] = ..., arrived_at_s: _Optional[float] = ..., replied_at_s: _Optional[float] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s", "push_error", "moved", "queue_s", "send_s", "push_s")
+    __slots__ = ("step_id", "hidden_states", "compute_s", "position", "handle_s", "push_error", "moved", "queue_s", "send_s", "push_s", "push_one_way_s", "arrived_at_s", "replied_at_s")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +252,9 @@ class StepResult(_message.Message):
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     SEND_S_FIELD_NUMBER: _ClassVar[int]
     PUSH_S_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ONE_WAY_S_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    REPLIED_AT_S_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     compute_s: float
@@ -252,7 +265,10 @@ class StepResult(_message.Message):
     queue_s: float
     send_s: float
     push_s: float
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ..., push_error: _Optional[str] = ..., moved: _Optional[_Union[Moved, _Mapping]] = ..., queue_s: _Optional[float] = ..., send_s: _Optional[float] = ..., push_s: _Optional[float] = ...) -> None: ...
+    push_one_way_s: float
+    arrived_at_s: float
+    replied_at_s: float
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., position: _Optional[int] = ..., handle_s: _Optional[float] = ..., push_error: _Optional[str] = ..., moved: _Optional[_Union[Moved, _Mapping]] = ..., queue_s: _Optional[float] = ..., send_s: _Optional[float] = ..., push_s: _Optional[float] = ..., push_one_way_s: _Optional[float] = ..., arrived_at_s: _Optional[float] = ..., replied_at_s: _Optional[float] = ...) -> None: ...
 
 class Moved(_message.Message):
     __slots__ = ("address", "peer_id", "adopt_token")
