@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -85,6 +86,23 @@ def test_bad_announce_port(llama_24, value, words):
     result = _run("serve", "--model", str(llama_24), "--blocks", "0:1", "--announce-port", value)
     assert result.returncode == 2
     _assert_one_line_error(result, "--announce-port", *words)
+
+
+@pytest.mark.parametrize(("value", "words"), [("70000", ["70000", "0 to 65535"]), ("x", ["x is not a port"])])
+def test_bad_metrics_port(llama_24, value, words):
+    result = _run("serve", "--model", str(llama_24), "--blocks", "0:1", "--metrics-port", value)
+    assert result.returncode == 2
+    _assert_one_line_error(result, "--metrics-port", *words)
+
+
+def test_a_metrics_port_in_use_is_a_one_line_error(llama_24):
+    """Found when the server starts listening, before it loads or announces anything."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = _run("serve", "--model", str(llama_24), "--blocks", "0:1", "--metrics-port", port)
+    _assert_one_line_error(result, f"--metrics-port {port}", "cannot listen on 127.0.0.1")
 
 
 def test_status_needs_peers(llama_24, monkeypatch):

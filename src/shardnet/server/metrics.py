@@ -20,6 +20,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     disable_created_metrics,
+    generate_latest,
     start_http_server,
 )
 from prometheus_client.core import (
@@ -130,6 +131,10 @@ class ServerMetrics:
 
     # ---- the /metrics endpoint ----
 
+    def registry_text(self) -> str:
+        """What a scrape reads now, in Prometheus' text format."""
+        return generate_latest(self.registry).decode()
+
     def serve(self, host: str, port: int) -> None:
         """Listen on ``host:port`` for Prometheus (a thread of its own); ``stop`` ends it."""
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -182,20 +187,19 @@ class _RuntimeCollector(Collector):
         yield GaugeMetricFamily(
             "shardnet_server_cache_tokens", "KV cache this server gives sessions, in tokens", value=total
         )
-        prefix = None if backend is None else backend.prefix
-        if prefix is not None:
-            yield CounterMetricFamily(
-                "shardnet_server_prefix_hits",
-                "First steps that started from a kept prefix",
-                value=prefix.hits,
-            )
-            yield CounterMetricFamily(
-                "shardnet_server_prefix_tokens_reused",
-                "Positions not computed thanks to kept prefixes",
-                value=prefix.tokens_reused,
-            )
-            yield GaugeMetricFamily(
-                "shardnet_server_prefix_cache_tokens_used",
-                "Positions kept in the prefix store",
-                value=prefix.tokens_used,
-            )
+        prefix = None if backend is None else backend.prefix  # none: turned off, or no blocks loaded
+        yield CounterMetricFamily(
+            "shardnet_server_prefix_hits",
+            "First steps that started from a kept prefix",
+            value=0 if prefix is None else prefix.hits,
+        )
+        yield CounterMetricFamily(
+            "shardnet_server_prefix_tokens_reused",
+            "Positions not computed thanks to kept prefixes",
+            value=0 if prefix is None else prefix.tokens_reused,
+        )
+        yield GaugeMetricFamily(
+            "shardnet_server_prefix_cache_tokens_used",
+            "Positions kept in the prefix store",
+            value=0 if prefix is None else prefix.tokens_used,
+        )
