@@ -208,7 +208,7 @@ def plot(results: list[dict], path: Path) -> None:
     labels, parts = [], {name.replace("_s", "_ms"): [] for name in HOP_PARTS}
     for r in swarms:
         for hop in r.get("hop_split", []):
-            labels.append(f"{r['servers']}srv\n{hop['span']}")
+            labels.append(f"{r['servers']}srv {'push' if r.get('push', True) else 'chained'}\n{hop['span']}")
             for name in parts:
                 parts[name].append(hop[name])
     bottom = [0.0] * len(labels)
