@@ -12,13 +12,17 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from shardnet.dht import ServerRecord, ServerView
-from shardnet.errors import DemoModelMissingError
-from shardnet.launch import LocalSwarm, even_spans
-from shardnet.models import hf_compat
-from shardnet.models.demo_model import ensure_demo_model
+from shardnet.import_noise import quiet_imports
+
+with quiet_imports():  # an xdist worker's stderr reaches the terminal: no torchao notices there
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardnet.dht import ServerRecord, ServerView
+    from shardnet.errors import DemoModelMissingError
+    from shardnet.launch import LocalSwarm, even_spans
+    from shardnet.models import hf_compat
+    from shardnet.models.demo_model import ensure_demo_model
 
 logger = logging.getLogger(__name__)
 

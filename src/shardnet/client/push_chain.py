@@ -187,6 +187,7 @@ class PushedStep:
             self.failed[index] = SessionExpiredError(str(moved))
             return
         self.hops[index] = adopted
+        self.clock.moved(index, adopted.stream.hop.peer_id, adopted.stream.clock)
         self._since.pop(index, None)
         if index > 0:
             self.undelivered[index] = True

@@ -167,6 +167,11 @@ class ChainClock:
         self._available[index] = decoded
         self._fill()
 
+    def moved(self, index: int, peer_id: str, clock: ClockOffset) -> None:
+        """Hop ``index``'s session moved to another server (a hand-off): its answer comes from there."""
+        self.hops[index].peer_id = peer_id
+        self._clocks[index] = clock
+
     def failed_over(self, index: int, began: float, ended: float) -> None:
         """Hop ``index`` failed; its replacement ran the step from ``began`` to ``ended``."""
         hop = self.hops[index]
