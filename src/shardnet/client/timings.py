@@ -120,10 +120,12 @@ class ChainClock:
     sends the step itself, several when the servers push it on), as the answers it needs are read.
 
     A hop's ``network_s`` needs the answer of whoever sent it the step: the client's own clock (the chain's
-    first hop, or a hop the client delivered the step to when a push failed), else the server before it.
-    The return from a hop whose answer is on the critical path needs a one-way time back to the client:
-    half the hop's own round trip when the client sent it the step, else half ``round_trip_s(peer_id)``
-    (the client's measured round trip to that server), else half the chain's first hop's."""
+    first hop, or a hop the client delivered the step to when a push failed), else the server before it
+    (its encoding and the push's one-way time). The return from a hop whose answer is on the critical path
+    needs the one-way time back to the client. One-way times come from ``clocks`` (each hop's server's
+    clock against the client's, see the module's docstring); without one, from half a round trip: the
+    hop's own when the client sent it the step, else ``round_trip_s(peer_id)`` (the client's pings), else
+    the chain's first hop's."""
 
     def __init__(
         self,
