@@ -12,6 +12,7 @@ final logit soft-capping where the config asks for it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -105,7 +106,7 @@ class DecoderSpan(SpanModule):
             wanted = [given]
             if inputs.prompts is not None:
                 prompts = inputs.prompts.detach().requires_grad_(True)
-                inputs = SpanInputs(inputs.attention_mask, inputs.position_ids, prompts)
+                inputs = dataclasses.replace(inputs, prompts=prompts)
                 wanted.append(prompts)
             out = self._run(given, inputs, None, start, end)
             # Only these gradients are asked for: nothing accumulates in the weights' .grad.

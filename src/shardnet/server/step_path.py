@@ -71,8 +71,7 @@ def serve_step(
     """Steps 1 to 6 above for one ``Step`` of ``session``; raises a ``ShardnetError`` on bad input.
     ``arrived``: ``time.perf_counter()`` when the step reached this server (its stream message, or its
     push), so the reply's ``queue_s`` covers any wait before this call; now when not given."""
-    began = time.perf_counter()
-    arrived = began if arrived is None else arrived
+    arrived = time.perf_counter() if arrived is None else arrived
     if request.position > session.position:
         raise SessionError(
             f"step at position {request.position}, but session {session.short_id} holds {session.position}"
