@@ -127,10 +127,16 @@ def test_chat_page_streams_an_answer(browser, gateway):
     _shot(browser, "chat")
 
 
-def _points(driver, chart: str) -> int:
-    from selenium.webdriver.common.by import By
+def _read(driver, selector: str, expression: str) -> list:
+    """`expression` (JavaScript over `e`) for every element matching `selector`, read in one script: the page
+    redraws its map and tables every refresh, so elements found in one call may be gone by the next."""
+    return driver.execute_script(
+        f"return Array.from(document.querySelectorAll(arguments[0]), e => {expression});", selector
+    )
 
-    return int(driver.find_element(By.ID, chart).get_attribute("data-points") or 0)
+
+def _points(driver, chart: str) -> int:
+    return int((_read(driver, f"#{chart}", "e.getAttribute('data-points')") or [0])[0] or 0)
 
 
 def test_swarm_page_maps_every_server_and_charts_recent_generations(browser, gateway):
@@ -149,30 +155,25 @@ def test_swarm_page_maps_every_server_and_charts_recent_generations(browser, gat
     browser.get(f"{server.url}/swarm")
     wait = WebDriverWait(browser, 60)
 
-    def bars(driver) -> dict[str, str]:
-        found = driver.find_elements(By.CSS_SELECTOR, "#blockmap rect.bar")
-        return {bar.get_attribute("data-peer"): bar.get_attribute("data-span") for bar in found}
+    def bars(driver) -> list[list[str]]:  # [peer, span, state] per bar
+        attributes = "['data-peer', 'data-span', 'data-state'].map(name => e.getAttribute(name))"
+        return _read(driver, "#blockmap rect.bar", attributes)
 
-    wait.until(lambda d: bars(d) == spans)
-    states = {
-        b.get_attribute("data-state") for b in browser.find_elements(By.CSS_SELECTOR, "#blockmap rect.bar")
-    }
-    assert states == {"online"}
-    assert not browser.find_elements(By.CSS_SELECTOR, "#blockmap rect.gap")  # every block is held
+    wait.until(lambda d: {peer: span for peer, span, _ in bars(d)} == spans)
+    assert {state for _, _, state in bars(browser)} == {"online"}
+    assert not _read(browser, "#blockmap rect.gap", "1")  # every block is held
     wait.until(lambda d: _points(d, "chart-tokens") >= 3 and _points(d, "chart-ttft") >= 3)
     wait.until(lambda d: _points(d, "chart-hops") >= 2 * 3)  # a line per span, a point per answer
-    steps = browser.find_elements(By.CSS_SELECTOR, "#steps tr.step")
-    assert steps
-    for hop in browser.find_elements(By.CSS_SELECTOR, "#steps .hop"):
-        assert "pending" in hop.text or " / " in hop.text, hop.text
+    assert _read(browser, "#steps tr.step", "1")
+    for hop in _read(browser, "#steps .hop", "e.textContent"):
+        assert "pending" in hop or " / " in hop, hop
     assert "0:1" in browser.find_element(By.ID, "route").text
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#servers tr.server")) == 2
+    assert len(_read(browser, "#servers tr.server", "1")) == 2
     assert not browser.find_element(By.ID, "blocks").is_displayed()  # behind the details toggle
     _shot(browser, "swarm")
 
     browser.find_element(By.CSS_SELECTOR, "#block-details summary").click()
     wait.until(lambda d: d.find_element(By.ID, "blocks").is_displayed())
-    rows = browser.find_elements(By.CSS_SELECTOR, "#blocks tr.block")
-    assert [row.find_elements(By.TAG_NAME, "td")[2].text for row in rows] == ["yes", "yes"]
+    assert _read(browser, "#blocks tr.block", "e.cells[2].textContent.trim()") == ["yes", "yes"]
     _no_errors(browser)
     _shot(browser, "swarm-details")
