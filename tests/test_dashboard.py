@@ -1,12 +1,15 @@
 """What ships for operators names only metrics that exist: every metric the Grafana dashboard
 (servers/grafana-dashboard.json) queries and the README names is one a server
 (server/metrics.py) or the gateway (gateway/metrics.py) exposes, and the dashboard's default jobs are
-the ones servers/prometheus.yml scrapes. No swarm: the metrics' own expositions are read."""
+the ones servers/prometheus.yml scrapes; the JSON is what scripts/grafana_dashboard.py writes. No swarm: the
+metrics' own expositions are read."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,10 @@ def test_the_dashboard_and_the_readme_name_only_exposed_metrics():
     assert len(queried) >= 20 and queried <= exposed, sorted(queried - exposed)
     listed = set(NAME.findall((ROOT / "README.md").read_text()))
     assert listed <= exposed, sorted(listed - exposed)
+    drawn = {re.sub(r"_(bucket|sum|count)$", "", name) for name in queried}
+    assert listed <= drawn, sorted(
+        listed - drawn
+    )  # the README says the dashboard draws every metric it lists
     assert {"shardnet_server_steps_total", "shardnet_api_requests_total"} <= listed
 
 
@@ -53,3 +60,13 @@ def test_the_dashboard_s_jobs_are_the_ones_prometheus_yml_scrapes():
     defaults = {v["name"]: v["query"] for v in dashboard["templating"]["list"] if v["type"] == "custom"}
     scraped = re.findall(r"job_name: (\S+)", (ROOT / "servers" / "prometheus.yml").read_text())
     assert sorted(defaults.values()) == sorted(scraped) == ["shardnet-api", "shardnet-servers"]
+
+
+def test_the_dashboard_is_what_its_script_writes():
+    """The JSON is generated: a hand edit would be lost at the next run of scripts/grafana_dashboard.py."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "grafana_dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
