@@ -37,38 +37,40 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import itertools
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardnet.errors import ShardnetError
+from shardnet.iproute import (
+    NETNS_DIR,
+    SUBNET,
+    NetworkSetupError,
+    global_lock,
+    ip,
+    kill_all,
+    links,
+    namespaces,
+    pids_in,
+    subnet_of,
+    subnets_in_use,
+    try_ip,
+)
 
-NETNS_DIR = Path("/var/run/netns")
-SUBNET = "10.213"  # hosts live in 10.213.K.0/24, one K per network
 ROUTE_PROTO = "213"  # marks the routes a cut adds, so leftovers of a dead network can be told apart
 CUT_ROUTES = ("unreachable", "blackhole", "prohibit", "drop")
 _IFNAMSIZ = 15  # longest interface name Linux accepts
 _CLONE_NEWNET = 0x40000000
 _SINK_OCTET = 254
 _NAME = re.compile(r"^sn(\d+)x(\d+)(b|s|vs|v\d+|h\d+)$")  # every name a network makes
-_KILL_TIMEOUT_S = 10.0
-_LOCK = Path("/run/shardnet-netns.lock")
 _local_lock = threading.Lock()  # names and subnets taken by this process's networks, while creating one
-
-
-class NetworkSetupError(ShardnetError):
-    """An ``ip`` command of the host network failed; the message carries the command and its stderr."""
 
 
 @dataclass(frozen=True)
@@ -108,15 +110,15 @@ def _probe() -> str | None:
 def _try_making(tag: str) -> str | None:
     netns, veth, bridge = f"{tag}h0", f"{tag}v0", f"{tag}b"
     try:
-        _ip("netns", "add", netns)
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        _ip("link", "add", bridge, "type", "bridge")
+        ip("netns", "add", netns)
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        ip("link", "add", bridge, "type", "bridge")
     except NetworkSetupError as exc:
         return f"cannot make network namespaces: {exc}"
     finally:
         for args in (("link", "del", bridge), ("link", "del", veth), ("netns", "del", netns)):
             with contextlib.suppress(NetworkSetupError):
-                _ip(*args)
+                ip(*args)
     return None
 
 
@@ -144,17 +146,17 @@ class HostNetwork:
         self._sink: Host | None = None
         self._closed = False
         self._made: list[tuple[str, str]] = []  # ("netns" | "link", name), in order of creation
-        with _global_lock(), _local_lock:
+        with global_lock(), _local_lock:
             remove_leftovers()
             self.tag = f"sn{os.getpid()}x{_next_sequence()}"
             self.subnet = _free_subnet()
             self.bridge = Host("bridge", f"{SUBNET}.{self.subnet}.1", None)
             self._bridge_link = self._name("b")
             try:
-                _ip("link", "add", self._bridge_link, "type", "bridge")
+                ip("link", "add", self._bridge_link, "type", "bridge")
                 self._made.append(("link", self._bridge_link))
-                _ip("addr", "add", f"{self.bridge.address}/24", "dev", self._bridge_link)
-                _ip("link", "set", self._bridge_link, "up")
+                ip("addr", "add", f"{self.bridge.address}/24", "dev", self._bridge_link)
+                ip("link", "set", self._bridge_link, "up")
             except BaseException:
                 self.close()
                 raise
@@ -184,14 +186,14 @@ class HostNetwork:
         if self._closed:
             raise NetworkSetupError("this host network is closed")
         netns, veth = self.tag + netns_suffix, self._name(veth_suffix)
-        _ip("netns", "add", netns)
+        ip("netns", "add", netns)
         self._made.append(("netns", netns))
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         self._made.append(("link", veth))
-        _ip("link", "set", veth, "master", self._bridge_link, "up")
-        _ip("-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
-        _ip("-n", netns, "link", "set", "eth0", "up")
-        _ip("-n", netns, "link", "set", "lo", "up")
+        ip("link", "set", veth, "master", self._bridge_link, "up")
+        ip("-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
+        ip("-n", netns, "link", "set", "eth0", "up")
+        ip("-n", netns, "link", "set", "lo", "up")
         return Host(netns, address, netns)
 
     # ---- running things on a host ------------------------------------------------------------------
@@ -208,7 +210,7 @@ class HostNetwork:
         """Processes running on ``host`` (a namespace; the bridge host is everything else)."""
         if host.netns is None:
             raise ValueError("the bridge host is the root namespace: every other process runs there")
-        return _pids_in(host.netns)
+        return pids_in(host.netns)
 
     # ---- breaking links ----------------------------------------------------------------------------
 
@@ -225,14 +227,14 @@ class HostNetwork:
         for sender, receiver in [(a, b)] if one_way else [(a, b), (b, a)]:
             target = f"{receiver.address}/32"
             spec = [target, "via", self._sink_host().address] if route == "drop" else [route, target]
-            _ip(*_in(sender), "route", "replace", *spec, "proto", ROUTE_PROTO)
+            ip(*_in(sender), "route", "replace", *spec, "proto", ROUTE_PROTO)
             self._cuts[(sender, receiver)] = route
 
     def restore(self, a: Host, b: Host) -> None:
         """Mend the link between ``a`` and ``b`` in both directions (whatever was cut)."""
         for sender, receiver in [(a, b), (b, a)]:
             if self._cuts.pop((sender, receiver), None) is not None:
-                _ip(*_in(sender), "route", "del", f"{receiver.address}/32", "proto", ROUTE_PROTO)
+                ip(*_in(sender), "route", "del", f"{receiver.address}/32", "proto", ROUTE_PROTO)
 
     def isolate(self, a: Host, route: str = "unreachable") -> None:
         """Cut ``a`` from every other host, the bridge host included."""
@@ -266,15 +268,15 @@ class HostNetwork:
         self._closed = True
         errors = []
         try:
-            _kill_all([name for kind, name in self._made if kind == "netns"])
+            kill_all([name for kind, name in self._made if kind == "netns"])
         except NetworkSetupError as exc:  # still delete what can be deleted
             errors.append(str(exc))
         for sender, receiver in list(self._cuts):
             if sender.netns is None:  # routes in the root namespace outlive the bridge
-                errors += _try("route", "del", f"{receiver.address}/32", "proto", ROUTE_PROTO)
+                errors += try_ip("route", "del", f"{receiver.address}/32", "proto", ROUTE_PROTO)
         self._cuts.clear()
         for kind, name in reversed(self._made):  # veths (both ends at once) before their namespaces
-            errors += _try(kind, "del", name)
+            errors += try_ip(kind, "del", name)
         self._made.clear()
         if errors:
             raise NetworkSetupError("; ".join(errors))
@@ -296,18 +298,18 @@ def remove_leftovers() -> list[str]:
     """Delete the namespaces, links and cut routes of host networks whose creating process is dead
     (killed before ``close``); the names removed."""
     removed = []
-    dead_namespaces = [name for name in _namespaces() if _owner_dead(name)]
-    _kill_all(dead_namespaces)
-    for name in _links():
+    dead_namespaces = [name for name in namespaces() if _owner_dead(name)]
+    kill_all(dead_namespaces)
+    for name in links():
         if _owner_dead(name):
-            removed += [name] if not _try("link", "del", name) else []
+            removed += [name] if not try_ip("link", "del", name) else []
     for name in dead_namespaces:
-        removed += [name] if not _try("netns", "del", name) else []
-    live = _subnets_in_use(routes=False)
-    for line in _ip("-4", "-o", "route", "show", "proto", ROUTE_PROTO).splitlines():
+        removed += [name] if not try_ip("netns", "del", name) else []
+    live = subnets_in_use(routes=False)
+    for line in ip("-4", "-o", "route", "show", "proto", ROUTE_PROTO).splitlines():
         target = line.split()[1] if line.split()[0] in CUT_ROUTES else line.split()[0]
-        if _subnet_of(target) is not None and _subnet_of(target) not in live:
-            removed += [target] if not _try("route", "del", target, "proto", ROUTE_PROTO) else []
+        if subnet_of(target) is not None and subnet_of(target) not in live:
+            removed += [target] if not try_ip("route", "del", target, "proto", ROUTE_PROTO) else []
     return removed
 
 
@@ -325,114 +327,23 @@ def _owner_dead(name: str) -> bool:
     return state in ("Z", "X")
 
 
-def _namespaces() -> list[str]:
-    try:
-        return sorted(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return []
-
-
-def _links() -> list[str]:
-    names = []
-    for line in _ip("-o", "link", "show").splitlines():
-        names.append(line.split(":", 2)[1].strip().split("@", 1)[0])
-    return names
-
-
-# ---- processes in namespaces ---------------------------------------------------------------------------
-
-
-def _pids_in(netns: str) -> list[int]:
-    try:
-        target = os.stat(NETNS_DIR / netns)
-    except FileNotFoundError:
-        return []
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ns = os.stat(f"/proc/{entry}/ns/net")
-        except OSError:  # gone, or a zombie (it left its namespaces when it exited)
-            continue
-        if (ns.st_dev, ns.st_ino) == (target.st_dev, target.st_ino):
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_all(namespaces: Sequence[str]) -> None:
-    """SIGKILL every process in ``namespaces`` until none is left (children forked meanwhile too)."""
-    deadline = time.monotonic() + _KILL_TIMEOUT_S
-    while True:
-        pids = [pid for netns in namespaces for pid in _pids_in(netns)]
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise NetworkSetupError(f"processes {pids} outlived SIGKILL in {list(namespaces)}")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
-
-
-# ---- subnets, names, commands --------------------------------------------------------------------------
+# ---- names and subnets of this process's networks -------------------------------------------------
 
 
 def _next_sequence() -> int:
     """The lowest network number no namespace or link of this process uses (names stay short)."""
     prefix = f"sn{os.getpid()}x"
-    used = {int(_NAME.match(n).group(2)) for n in [*_namespaces(), *_links()] if n.startswith(prefix)}
+    used = {int(_NAME.match(n).group(2)) for n in [*namespaces(), *links()] if n.startswith(prefix)}
     return next(n for n in itertools.count() if n not in used)
 
 
 def _free_subnet() -> int:
-    used = _subnets_in_use(routes=True)
+    used = subnets_in_use(routes=True)
     for subnet in range(256):
         if subnet not in used:
             return subnet
     raise NetworkSetupError(f"every subnet {SUBNET}.K.0/24 is in use on this machine")
 
 
-def _subnets_in_use(routes: bool) -> set[int]:
-    """The K of every 10.213.K.x address (and, with ``routes``, route) in the root namespace."""
-    text = _ip("-4", "-o", "addr", "show")
-    if routes:
-        text += _ip("-4", "-o", "route", "show", "table", "all")
-    pattern = re.compile(rf"\b{re.escape(SUBNET)}\.(\d+)\.\d+")
-    return {int(k) for k in pattern.findall(text)}
-
-
-def _subnet_of(address: str) -> int | None:
-    match = re.match(rf"^{re.escape(SUBNET)}\.(\d+)\.\d+(/32)?$", address)
-    return int(match.group(1)) if match else None
-
-
 def _in(host: Host) -> list[str]:
     return ["-n", host.netns] if host.netns else []
-
-
-def _ip(*args: str) -> str:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise NetworkSetupError(f"ip {' '.join(args)}: {result.stderr.strip() or result.returncode}")
-    return result.stdout
-
-
-def _try(*args: str) -> list[str]:
-    """Run ``ip ARGS``; its error as a one-item list (an empty list if it worked)."""
-    try:
-        _ip(*args)
-    except NetworkSetupError as exc:
-        return [str(exc)]
-    return []
-
-
-@contextlib.contextmanager
-def _global_lock() -> Iterator[None]:
-    """Held while choosing a subnet and making the bridge, so networks of two processes never share one."""
-    with open(_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
