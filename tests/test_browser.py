@@ -166,7 +166,7 @@ def test_swarm_page_maps_every_server_and_charts_recent_generations(browser, gat
     wait.until(lambda d: _points(d, "chart-hops") >= 2 * 3)  # a line per span, a point per answer
     assert _read(browser, "#steps tr.step", "1")
     for hop in _read(browser, "#steps .hop", "e.textContent"):
-        assert "pending" in hop or " / " in hop, hop
+        assert "pending" in hop or " / " in hop or "failover" in hop, hop
     assert "0:1" in browser.find_element(By.ID, "route").text
     assert len(_read(browser, "#servers tr.server", "1")) == 2
     assert not browser.find_element(By.ID, "blocks").is_displayed()  # behind the details toggle

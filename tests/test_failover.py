@@ -103,13 +103,15 @@ def test_failover_inside_a_multi_call_inference_session(swarm, local):
     assert second[:, 4:].tolist() == want[:, concatenated.shape[1] :].tolist()
 
 
-def test_server_that_stops_answering_is_timed_out_and_replaced(swarm, local):
+@pytest.mark.parametrize("push", [True, False], ids=["push", "client_chained"])
+def test_server_that_stops_answering_is_timed_out_and_replaced(swarm, local, push):
     ids, _ = prompt(1, seed=3)
     want = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     swarm.start_server(3, 6)  # a replica of 3:6
     swarm.wait_ready(timeout_s=120)
     frozen = []
-    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, request_timeout_s=3) as model:
+    connect = dict(request_timeout_s=3, push=push)
+    with ShardedModel.from_pretrained(swarm.model_path, swarm.initial_peers, **connect) as model:
         with model.inference_session(max_length=64) as session:
 
             def freeze_second_hop() -> None:
@@ -126,6 +128,12 @@ def test_server_that_stops_answering_is_timed_out_and_replaced(swarm, local):
                     process.send_signal(signal.SIGCONT)
             [(_, frozen_peer)] = frozen
             assert session.route[1].peer_id != frozen_peer and session.chain.failovers == 1
+    # the step that failed over still adds up: the frozen hop's part runs from its input being ready to
+    # its replacement's output, the wait for the failure included (not lost between the hops' parts)
+    [step] = [step for step in session.step_timings if any(hop.failed_over for hop in step.hops)]
+    assert [hop.failed_over for hop in step.hops] == [False, True] and not step.pending
+    assert step.hops[1].failover_s > 0.5 * step.step_s
+    assert 0.9 <= step.critical_path_s / step.step_s <= 1.1, step.as_ms()
     assert got.tolist() == want.tolist()
 
 

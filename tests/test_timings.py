@@ -79,12 +79,29 @@ def test_a_failed_push_puts_the_hop_s_answer_and_the_client_s_delivery_on_the_pa
     assert sum(hop.total_s for hop in hops) == pytest.approx(20 * MS)
 
 
-def test_a_failed_over_hop_is_marked_and_counts_its_replacement():
+def test_a_failed_over_hop_counts_the_wait_for_its_failure_and_its_replacement():
+    """Hop 0 got the step at t=0 and hung: the client gave up at 30 ms, and the replacement's output was
+    ready at 90. Hop 1, delivered the output by the client at 91, answered at 99: the parts add up to 99."""
     hops = _hops(2)
     clock = ChainClock(hops, began=0.0, clocks=[None] * len(hops), round_trip_s=lambda peer_id: 2 * MS)
+    clock.sent(0, 0.5 * MS)
     clock.failed_over(0, began=30 * MS, ended=90 * MS)
-    assert hops[0].failed_over and not hops[0].pending and hops[0].as_ms()["failover_ms"] == pytest.approx(60)
+    assert hops[0].failed_over and not hops[0].pending and hops[0].as_ms()["failover_ms"] == pytest.approx(90)
     assert hops[1].pending  # its network starts from the replacement's output, once its answer is read
+    clock.sent(1, 91 * MS)
+    clock.answered(1, _answer(1, 4, 0.5), arrived=98.5 * MS, decoded=99 * MS)
+    assert not hops[1].pending and hops[1].network_s == pytest.approx(2 * MS)
+    assert StepTiming(99 * MS, 1, hops).critical_path_s == pytest.approx(99 * MS)
+
+
+def test_a_failed_pushed_hop_s_time_starts_at_the_output_before_it():
+    """Under push, hop 1's input was ready when hop 0's output was (read at 12.7 ms); it failed at 40."""
+    hops = _hops(2)
+    clock = ChainClock(hops, began=0.0, clocks=[None] * len(hops), round_trip_s=lambda peer_id: 2 * MS)
+    clock.sent(0, 1 * MS)
+    clock.answered(0, _answer(2, 5, 0.5, push_ms=2), arrived=12.5 * MS, decoded=12.7 * MS)
+    clock.failed_over(1, began=40 * MS, ended=70 * MS)
+    assert hops[1].failover_s == pytest.approx(57.3 * MS)
 
 
 def test_a_clock_offset_is_taken_from_the_quickest_exchange_and_dates_one_way_trips():

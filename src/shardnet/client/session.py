@@ -184,6 +184,7 @@ class InferenceSession(HopReplacement):
     ) -> torch.Tensor:
         """One hop's step, sent by the client and answered to it; replaced when it fails or is late."""
         new = hidden.shape[1]
+        began = time.perf_counter()  # a failure's wait counts in the hop's failover time
         try:
             while True:
                 budget = failover.budget_s(hop.hop, new, hop.stream.recent_s)
@@ -197,7 +198,6 @@ class InferenceSession(HopReplacement):
                     hop = adopted
         except ShardnetError as error:
             failover.failed(hop.hop, error)
-            began = time.perf_counter()
             replaced = len(self._hops)
             out = self.replace_hop(hop, hidden, failover)[:, -new:]
             timing = hop.stream.new_timing()

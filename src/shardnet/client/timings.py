@@ -12,6 +12,10 @@ A step's time is split into four parts per hop, which add up to the step's time 
                 (the last hop of a push chain; every hop the client chains itself); 0 for the hops of a
                 push chain whose answers the client does not wait for
 
+A hop that failed during the step has one part instead, ``failover_s``: from its input being ready (the
+step's start for a chain's first hop, else the output before it at the client) to its replacement's output,
+so the wait until the failure was acted on (an error, or the hedge budget running out) counts too.
+
 A one-way trip is dated on both clocks, through their estimated offset (wire/clock_offset.py): the sender
 stamps its leaving, the receiver its arrival. The client dates each server's clock from its own exchanges
 with it (the session's opening, the steps it sends itself); a pushing server dates the next server's from
@@ -42,7 +46,7 @@ class HopTiming:
     queue_s: float = 0.0
     compute_s: float = 0.0
     return_s: float = 0.0
-    failover_s: float = 0.0  # replacing the hop after it failed (opening, replaying, the step there)
+    failover_s: float = 0.0  # a failed hop: from its input being ready to its replacement's output
     pending: bool = True  # the answers this hop's parts come from are not read yet
     failed_over: bool = False  # the hop failed during the step: its blocks ran on a replacement
 
@@ -175,9 +179,13 @@ class ChainClock:
         self._clocks[index] = clock
 
     def failed_over(self, index: int, began: float, ended: float) -> None:
-        """Hop ``index`` failed; its replacement ran the step from ``began`` to ``ended``."""
+        """Hop ``index`` failed; its replacement ran the step from ``began`` to ``ended``. The hop's time
+        starts where its input was ready at the client (the step's start, or the output before it): the
+        wait for the failure counts, and time the hop before it already counts does not."""
+        ready = self._began if index == 0 else self._available[index - 1]
         hop = self.hops[index]
-        hop.failed_over, hop.pending, hop.failover_s = True, False, ended - began
+        hop.failed_over, hop.pending = True, False
+        hop.failover_s = ended - (began if ready is None else ready)
         self._available[index] = ended
         self._fill()
 

@@ -47,6 +47,7 @@ function renderServers(doc) {
 function hopText(hop) {
   const where = `${hop.span} ..${hop.peer_id.slice(-4)}${hop.failed_over ? " (failed over)" : ""}`;
   if (hop.pending) return `${where}: pending`;
+  if (hop.failed_over) return `${where}: failover ${ms(hop.failover_ms)}`;  // its wait and its replacement
   return `${where}: ${ms(hop.network_ms)} / ${ms(hop.queue_ms)} / ${ms(hop.compute_ms)} / ${ms(hop.return_ms)}`
     + ` = ${ms(hop.total_ms)}`;
 }
