@@ -26,6 +26,7 @@ class ClockOffset:
 
     def __init__(self, samples: int = SAMPLES):
         self._bounds: deque[tuple[float, float]] = deque(maxlen=samples)  # (lowest, highest) offset, seconds
+        self._offset_s: float | None = None  # the estimate from _bounds, made as each exchange is added
         self._lock = threading.Lock()
 
     def add(self, sent: float, peer_arrived: float, peer_replied: float, received: float) -> None:
@@ -34,20 +35,12 @@ class ClockOffset:
             return
         with self._lock:
             self._bounds.append((peer_replied - received, peer_arrived - sent))
+            self._offset_s = _estimate(self._bounds)
 
     @property
     def offset_s(self) -> float | None:
         """The peer's clock minus this one (None before any exchange)."""
-        with self._lock:
-            bounds = list(self._bounds)
-        if not bounds:
-            return None
-        lowest = max(low for low, _ in bounds)
-        highest = min(high for _, high in bounds)
-        if lowest > highest:  # the clocks moved apart within the window: trust the quickest exchange
-            low, high = min(bounds, key=lambda bound: bound[1] - bound[0])
-            return (low + high) / 2
-        return (lowest + highest) / 2
+        return self._offset_s
 
     def one_way_to(self, sent: float, peer_arrived: float) -> float | None:
         """Seconds from sending (this clock) to the peer's stamp of the arrival (its clock)."""
@@ -58,3 +51,13 @@ class ClockOffset:
         """Seconds from the peer's stamp of sending (its clock) to receiving (this clock)."""
         offset = self.offset_s
         return None if offset is None or not peer_sent else max(received - (peer_sent - offset), 0.0)
+
+
+def _estimate(bounds: deque[tuple[float, float]]) -> float:
+    """The middle of what the bounds leave: their intersection, or the quickest exchange's own bounds when
+    the clocks moved apart within the window (the intersection is empty)."""
+    lowest = max(low for low, _ in bounds)
+    highest = min(high for _, high in bounds)
+    if lowest > highest:
+        lowest, highest = min(bounds, key=lambda bound: bound[1] - bound[0])
+    return (lowest + highest) / 2
