@@ -33,10 +33,12 @@ def quantile(histogram: str, selector: str, q: float) -> str:
     return f"histogram_quantile({q}, sum by (le, instance) (rate({histogram}_bucket{selector}[$__rate_interval])))"
 
 
-def p50_p95(histogram: str, selector: str, legend: str) -> list[tuple[str, str]]:
-    return [
+def latency(title: str, histogram: str, selector: str, legend: str = "") -> dict:
+    """A panel of a seconds histogram's p50 and p95."""
+    targets = [
         (quantile(histogram, selector, q), f"{name}{legend}") for q, name in ((0.5, "p50"), (0.95, "p95"))
     ]
+    return panel(f"{title}, p50 / p95", targets, unit="s")
 
 
 class Dashboard:
@@ -112,21 +114,9 @@ def server_panels(board: Dashboard) -> None:
         ),
     )
     board.line(
-        panel(
-            "Step queue, p50 / p95",
-            p50_p95("shardnet_server_step_queue_seconds", SERVERS, " {{instance}}"),
-            unit="s",
-        ),
-        panel(
-            "Step compute, p50 / p95",
-            p50_p95("shardnet_server_step_compute_seconds", SERVERS, " {{instance}}"),
-            unit="s",
-        ),
-        panel(
-            "Push round trip, p50 / p95",
-            p50_p95("shardnet_server_step_push_seconds", SERVERS, " {{instance}}"),
-            unit="s",
-        ),
+        latency("Step queue", "shardnet_server_step_queue_seconds", SERVERS, " {{instance}}"),
+        latency("Step compute", "shardnet_server_step_compute_seconds", SERVERS, " {{instance}}"),
+        latency("Push round trip", "shardnet_server_step_push_seconds", SERVERS, " {{instance}}"),
     )
     rows, passes = (rate(f"shardnet_server_decode_batch_rows_{part}", SERVERS) for part in ("sum", "count"))
     board.line(
@@ -222,16 +212,8 @@ def gateway_panels(board: Dashboard) -> None:
         ),
     )
     board.line(
-        panel(
-            "Time to first token, p50 / p95",
-            p50_p95("shardnet_api_time_to_first_token_seconds", GATEWAY, ""),
-            unit="s",
-        ),
-        panel(
-            "Inter-token latency, p50 / p95",
-            p50_p95("shardnet_api_inter_token_latency_seconds", GATEWAY, ""),
-            unit="s",
-        ),
+        latency("Time to first token", "shardnet_api_time_to_first_token_seconds", GATEWAY),
+        latency("Inter-token latency", "shardnet_api_inter_token_latency_seconds", GATEWAY),
     )
 
 
